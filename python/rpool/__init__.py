@@ -1,0 +1,56 @@
+"""rpool: a drop-in `multiprocessing.Pool` whose core is written in Rust."""
+
+import multiprocessing as _mp
+from multiprocessing import TimeoutError
+
+from .pool import (
+    ApplyResult,
+    AsyncResult,
+    IMapIterator,
+    MapResult,
+    Pool,
+    PoolTerminatedError,
+    RemoteError,
+    WorkerLostError,
+)
+
+__all__ = [
+    "Pool",
+    "AsyncResult",
+    "ApplyResult",
+    "MapResult",
+    "IMapIterator",
+    "TimeoutError",
+    "WorkerLostError",
+    "PoolTerminatedError",
+    "RemoteError",
+    "get_context",
+    "cpu_count",
+]
+
+cpu_count = _mp.cpu_count
+
+
+class Context:
+    """A start method, as `multiprocessing.get_context(method)` gives, whose `Pool` is rpool's."""
+
+    def __init__(self, method):
+        self._method = method
+
+    def get_start_method(self, allow_none=False):
+        return self._method
+
+    def Pool(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None):
+        return Pool(processes, initializer, initargs, maxtasksperchild, context=self)
+
+    def __repr__(self):
+        return f"<rpool.Context {self._method!r}>"
+
+
+def get_context(method=None):
+    """The context for `method` ('fork', 'spawn', 'forkserver'); None means Python's default."""
+    if method is None:
+        method = _mp.get_context().get_start_method()
+    if method not in _mp.get_all_start_methods():
+        raise ValueError(f"cannot find context for {method!r}")
+    return Context(method)

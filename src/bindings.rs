@@ -1,0 +1,361 @@
+//! The Python face of the core: thin `#[pymethods]` over `pool::Core` and `job::Job`,
+//! the fork launcher (it needs the GIL), the callbacks thread and the exec'd worker's entry point.
+
+use crate::child;
+use crate::frame::{kind, FrameReader};
+use crate::job::{self, Outcome};
+use crate::launch::{self, die_with_parent, worker_pipes, ExecLauncher, EXEC_RESULT_FD, EXEC_TASK_FD};
+use crate::pool::{Core, Launch, Launched, Lifecycle, PoolConfig, SubmitError};
+use crossbeam::channel::Receiver;
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Waits release the GIL in slices this long, then run Python's signal handlers (Ctrl-C).
+const WAIT_SLICE: Duration = Duration::from_millis(50);
+
+/// Block until `ready(slice)` says so or `timeout` (seconds) passes, with the GIL released and
+/// KeyboardInterrupt delivered between slices. Every blocking wait in rpool goes through here.
+fn wait_interruptibly(py: Python<'_>, timeout: Option<f64>, ready: impl Fn(Duration) -> bool + Sync) -> PyResult<bool> {
+    let deadline = match timeout {
+        Some(t) if t.is_nan() => return Err(PyValueError::new_err("timeout must be a number, not NaN")),
+        Some(t) => Some(Instant::now() + Duration::from_secs_f64(t.clamp(0.0, 1e9))),
+        None => None,
+    };
+    loop {
+        let slice = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()).min(WAIT_SLICE),
+            None => WAIT_SLICE,
+        };
+        if py.detach(|| ready(slice)) {
+            return Ok(true);
+        }
+        py.check_signals()?;
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(false);
+        }
+    }
+}
+
+fn not_running() -> PyErr {
+    PyValueError::new_err("Pool not running")
+}
+
+impl From<SubmitError> for PyErr {
+    fn from(e: SubmitError) -> PyErr {
+        match e {
+            SubmitError::NotRunning => not_running(),
+        }
+    }
+}
+
+/// A result slot, shared with the core. Python's `AsyncResult` wraps one.
+#[pyclass(frozen, module = "rpool._rpool", name = "Job")]
+pub struct PyJob {
+    inner: Arc<job::Job>,
+}
+
+#[pymethods]
+impl PyJob {
+    #[getter]
+    fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    fn ready(&self) -> bool {
+        self.inner.is_ready()
+    }
+
+    /// Wait until the job is ready (all parts in, callbacks run). Returns whether it is.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let job = &self.inner;
+        wait_interruptibly(py, timeout, |slice| job.wait_for(slice, |v| v.ready()))
+    }
+
+    /// Wait until part `part` has an outcome.
+    #[pyo3(signature = (part, timeout=None))]
+    fn wait_part(&self, py: Python<'_>, part: usize, timeout: Option<f64>) -> PyResult<bool> {
+        let job = &self.inner;
+        wait_interruptibly(py, timeout, |slice| job.wait_for(slice, |v| v.part_done(part) || v.beyond(part)))
+    }
+
+    /// Wait until some finished part was not yet popped, or every part was popped.
+    #[pyo3(signature = (timeout=None))]
+    fn wait_any(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let job = &self.inner;
+        wait_interruptibly(py, timeout, |slice| job.wait_for(slice, |v| v.any_unpopped() || v.exhausted()))
+    }
+
+    fn pop_finished(&self) -> Option<usize> {
+        self.inner.pop_finished()
+    }
+
+    /// The outcome of part `part` as `(kind, data)`: 0 value (pickle), 1 raised (pickle),
+    /// 2 worker lost (message), 3 terminated (message). `None` if not there (or already taken).
+    fn take(&self, py: Python<'_>, part: usize) -> Option<(u8, Py<PyAny>)> {
+        self.inner.take(part).map(|outcome| match outcome {
+            Outcome::Value(b) => (0, PyBytes::new(py, &b).into_any().unbind()),
+            Outcome::Raised(b) => (1, PyBytes::new(py, &b).into_any().unbind()),
+            Outcome::WorkerLost(m) => (2, m.into_pyobject(py).unwrap().into_any().unbind()),
+            Outcome::Terminated(m) => (3, m.into_pyobject(py).unwrap().into_any().unbind()),
+        })
+    }
+
+    fn total(&self) -> Option<usize> {
+        self.inner.total()
+    }
+
+    fn mark_ready(&self) {
+        self.inner.mark_ready();
+    }
+}
+
+/// The fork start method: fork this interpreter on rpool-supervise (see `launch.rs` for why
+/// that is safe) and run `bootstrap(number) -> (execute, max_tasks)` in the child.
+struct ForkLauncher {
+    bootstrap: Mutex<Option<Py<PyAny>>>,
+}
+
+impl Launch for ForkLauncher {
+    fn launch(&self, number: u64) -> io::Result<Launched> {
+        let pipes = worker_pipes()?;
+        let parent = std::process::id() as libc::pid_t;
+        let pid = Python::attach(|py| {
+            let bootstrap = self.bootstrap.lock().unwrap().as_ref().map(|b| b.clone_ref(py));
+            let Some(bootstrap) = bootstrap else {
+                return Err(io::Error::other("pool is shutting down"));
+            };
+            unsafe { ffi::PyOS_BeforeFork() };
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                unsafe { ffi::PyOS_AfterFork_Child() };
+                die_with_parent(parent);
+                let (task_r, result_w) = (pipes.task_r.as_raw_fd(), pipes.result_w.as_raw_fd());
+                unsafe {
+                    libc::close(pipes.task_w.as_raw_fd());
+                    libc::close(pipes.result_r.as_raw_fd());
+                }
+                let code = run_child(py, number, task_r, result_w, &mut FrameReader::new(), |py| {
+                    bootstrap.call1(py, (number,)).map(|r| r.into_bound(py))
+                });
+                unsafe { libc::_exit(code) }
+            }
+            unsafe { ffi::PyOS_AfterFork_Parent() };
+            if pid < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(pid)
+        })?;
+        Ok(Launched { pid, task_fd: pipes.task_w, result_fd: pipes.result_r, preamble: Vec::new() })
+    }
+
+    fn release(&self) {
+        Python::attach(|_py| drop(self.bootstrap.lock().unwrap().take()));
+    }
+}
+
+/// Run a worker: bootstrap (initializer included), serve tasks, then the stdlib's exit steps.
+fn run_child<'py>(
+    py: Python<'py>,
+    _number: u64,
+    task_fd: RawFd,
+    result_fd: RawFd,
+    reader: &mut FrameReader,
+    bootstrap: impl FnOnce(Python<'py>) -> PyResult<Bound<'py, PyAny>>,
+) -> i32 {
+    let code = match bootstrap(py).and_then(|r| r.extract::<(Bound<'py, PyAny>, Option<u64>)>()) {
+        Ok((execute, max_tasks)) => child::serve(py, reader, task_fd, result_fd, &execute, max_tasks),
+        Err(err) => {
+            child::report_init_failure(py, result_fd, err);
+            1
+        }
+    };
+    if let Err(e) = py.import("rpool._worker").and_then(|w| w.call_method0("exit_worker")) {
+        e.print(py);
+    }
+    code
+}
+
+/// Entry point of an exec'd worker (`spawn`): read the start-up frames from the task pipe, let
+/// the stdlib's spawn preparation rebuild `sys.path` and `__main__`, then serve. Returns the exit code.
+#[pyfunction]
+pub fn worker_main(py: Python<'_>) -> PyResult<i32> {
+    let mut reader = FrameReader::new();
+    let task_pipe = unsafe { std::os::fd::BorrowedFd::borrow_raw(EXEC_TASK_FD) };
+    let mut config = Vec::new();
+    let mut number = 0;
+    while config.len() < 2 {
+        if !py.detach(|| reader.wait_frame(task_pipe))? {
+            return Ok(0);
+        }
+        let (h, body) = reader.next_frame().expect("frame buffered");
+        if h.kind != kind::CONFIG {
+            return Err(PyOSError::new_err("rpool worker: expected start-up data before tasks"));
+        }
+        number = h.id;
+        config.push(PyBytes::new(py, body));
+    }
+    let worker = py.import("rpool._worker")?;
+    worker.call_method1("prepare", (&config[0],))?;
+    let setup = &config[1];
+    Ok(run_child(py, number, EXEC_TASK_FD, EXEC_RESULT_FD, &mut reader, |_py| {
+        worker.call_method1("bootstrap_spawned", (setup, number))
+    }))
+}
+
+/// Runs callbacks in the parent, one at a time, with the GIL: `deliver(job_ids)` looks the jobs
+/// up, calls their callbacks (guarded) and marks them ready.
+fn spawn_callbacks_thread(rx: Receiver<Arc<job::Job>>, deliver: Py<PyAny>) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("rpool-callbacks".into()).spawn(move || {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            batch.extend(rx.try_iter());
+            Python::attach(|py| {
+                let ids: Vec<u64> = batch.iter().map(|j| j.id).collect();
+                if let Err(e) = deliver.call1(py, (ids,)) {
+                    e.print(py);
+                }
+            });
+            // Whatever deliver() did, no waiter may hang on these jobs.
+            for job in batch {
+                job.mark_ready();
+            }
+        }
+        Python::attach(|_py| drop(deliver));
+    })
+}
+
+#[pyclass(frozen, module = "rpool._rpool")]
+pub struct PoolCore {
+    core: Arc<Core>,
+    callbacks: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn bytes_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    if let Ok(b) = obj.downcast::<PyBytes>() {
+        return Ok(b.as_bytes().to_vec());
+    }
+    let buf = PyBuffer::<u8>::get(obj)?;
+    buf.to_vec(obj.py())
+}
+
+impl PoolCore {
+    fn join_threads(&self, py: Python<'_>) {
+        let core = self.core.clone();
+        py.detach(|| core.join_threads());
+        let handle = self.callbacks.lock().unwrap().take();
+        if let Some(h) = handle {
+            if h.thread().id() != std::thread::current().id() {
+                py.detach(|| {
+                    let _ = h.join();
+                });
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl PoolCore {
+    /// `fork_bootstrap(number) -> (execute, max_tasks)` for fork; `exec_argv` and
+    /// `exec_preamble` (two pickles: spawn preparation data, worker setup) for spawn.
+    #[new]
+    #[pyo3(signature = (processes, start_method, max_tasks_per_child, deliver, fork_bootstrap=None, exec_argv=None, exec_preamble=None))]
+    fn new(
+        py: Python<'_>,
+        processes: usize,
+        start_method: String,
+        max_tasks_per_child: Option<u64>,
+        deliver: Py<PyAny>,
+        fork_bootstrap: Option<Py<PyAny>>,
+        exec_argv: Option<Vec<String>>,
+        exec_preamble: Option<Vec<Vec<u8>>>,
+    ) -> PyResult<Self> {
+        let launcher: Arc<dyn Launch> = match (fork_bootstrap, exec_argv) {
+            (Some(b), None) => Arc::new(ForkLauncher { bootstrap: Mutex::new(Some(b)) }),
+            (None, Some(argv)) => {
+                launch::check_argv(&argv)?;
+                Arc::new(ExecLauncher { argv, preamble: exec_preamble.unwrap_or_default() })
+            }
+            _ => return Err(PyValueError::new_err("give exactly one of fork_bootstrap and exec_argv")),
+        };
+        let config = PoolConfig { processes, max_tasks_per_child, start_method };
+        let (core, callbacks_rx) = py.detach(|| Core::start(config, launcher)).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let callbacks = spawn_callbacks_thread(callbacks_rx, deliver)?;
+        Ok(PoolCore { core, callbacks: Mutex::new(Some(callbacks)) })
+    }
+
+    /// A new result slot with `total` parts (`None`: parts are added until `seal`).
+    #[pyo3(signature = (total, has_callbacks))]
+    fn new_job(&self, total: Option<usize>, has_callbacks: bool) -> PyResult<PyJob> {
+        Ok(PyJob { inner: self.core.new_job(total, has_callbacks)? })
+    }
+
+    /// Queue part `part` of `job`: `payload` is the pickled `(func, args, kwds)`.
+    fn submit(&self, job: &PyJob, part: usize, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+        let bytes = bytes_of(payload)?;
+        Ok(self.core.submit(&job.inner, part, &bytes)?)
+    }
+
+    /// Fail part `part` in the parent (its input could not be pickled); `exc` is the pickled error.
+    fn fail_part(&self, job: &PyJob, part: usize, exc: Vec<u8>) {
+        self.core.fail_part(&job.inner, part, exc);
+    }
+
+    fn seal(&self, job: &PyJob, total: usize) {
+        self.core.seal(&job.inner, total);
+    }
+
+    fn close(&self) {
+        self.core.close();
+    }
+
+    /// Kill the workers, fail unfinished tasks, and wait (bounded) until the workers are reaped.
+    fn terminate(&self, py: Python<'_>) {
+        let core = self.core.clone();
+        py.detach(|| {
+            core.terminate();
+            core.wait_finished(Duration::from_secs(10))
+        });
+        self.join_threads(py);
+    }
+
+    /// Wait until every worker has exited and every callback has run (after close or terminate).
+    #[pyo3(signature = (timeout=None))]
+    fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        if self.core.lifecycle() == Lifecycle::Running {
+            return Err(PyValueError::new_err("Pool is still running"));
+        }
+        let core = &self.core;
+        if !wait_interruptibly(py, timeout, |slice| core.wait_finished(slice))? {
+            return Ok(false);
+        }
+        self.join_threads(py);
+        Ok(true)
+    }
+
+    fn worker_pids(&self) -> Vec<i32> {
+        self.core.worker_pids()
+    }
+
+    #[getter]
+    fn state(&self) -> &'static str {
+        match self.core.lifecycle() {
+            Lifecycle::Running => "RUN",
+            Lifecycle::Closed => "CLOSE",
+            Lifecycle::Terminated => "TERMINATE",
+        }
+    }
+
+    #[getter]
+    fn processes(&self) -> usize {
+        self.core.processes()
+    }
+}

@@ -1,0 +1,78 @@
+//! The worker process's loop: read a task frame, run it through Python, write the result frame.
+//! Nothing here touches the parent's Rust state: after a fork this is all the child runs.
+
+use crate::frame::{self, kind, FrameReader, Header};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::time::Instant;
+
+pub fn send(fd: RawFd, kind: u8, id: u64, aux: u64, payload: &[u8]) -> std::io::Result<()> {
+    let header = Header { kind, len: payload.len() as u32, id, aux }.encode();
+    frame::write_all(fd, &[&header, payload])
+}
+
+/// Report an initializer failure: print it as the stdlib's workers do, and tell the parent.
+pub fn report_init_failure(py: Python<'_>, result_fd: RawFd, err: PyErr) {
+    let text = py
+        .import("traceback")
+        .and_then(|tb| tb.call_method1("format_exception", (err.value(py),)))
+        .and_then(|lines| lines.extract::<Vec<String>>())
+        .map(|lines| lines.concat())
+        .unwrap_or_else(|_| err.to_string());
+    err.print(py);
+    let _ = send(result_fd, kind::INIT_FAILED, 0, 0, text.as_bytes());
+}
+
+/// Serve tasks until STOP, EOF (the parent is gone) or `max_tasks` tasks. Returns the exit code.
+/// `execute(payload: bytes) -> (ok: bool, data: bytes)` never raises for a task's own errors.
+pub fn serve(
+    py: Python<'_>,
+    reader: &mut FrameReader,
+    task_fd: RawFd,
+    result_fd: RawFd,
+    execute: &Bound<'_, PyAny>,
+    max_tasks: Option<u64>,
+) -> i32 {
+    if send(result_fd, kind::READY, 0, 0, &[]).is_err() {
+        return 0;
+    }
+    let task_pipe = unsafe { BorrowedFd::borrow_raw(task_fd) };
+    let mut completed = 0u64;
+    loop {
+        // Block without the GIL so that threads the task code started keep running.
+        match py.detach(|| reader.wait_frame(task_pipe)) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return 0,
+        }
+        let (header, body) = reader.next_frame().expect("wait_frame buffered a frame");
+        match header.kind {
+            kind::STOP => return 0,
+            kind::TASK => {}
+            other => {
+                eprintln!("rpool worker: unexpected frame kind {other}");
+                return 1;
+            }
+        }
+        let payload = PyBytes::new(py, body);
+        let started = Instant::now();
+        let (ok, data) = match execute.call1((payload,)).and_then(|r| r.extract::<(bool, Bound<'_, PyBytes>)>()) {
+            Ok(r) => r,
+            Err(e) => {
+                // execute() guards every task error, so this is a bug in rpool itself.
+                e.print(py);
+                return 1;
+            }
+        };
+        let ran_ns = started.elapsed().as_nanos() as u64;
+        let bytes = data.as_bytes();
+        let kind = if ok { kind::VALUE } else { kind::RAISED };
+        if py.detach(|| send(result_fd, kind, header.id, ran_ns, bytes)).is_err() {
+            return 0;
+        }
+        completed += 1;
+        if max_tasks.is_some_and(|m| completed >= m) {
+            return 0;
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Result slots: one `Job` per submission (`apply`: one part; `map`: one part per chunk;
+//! `imap`: parts added as the input is read). Completed by the pool's threads, read by callers.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How one part (task) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The pickled return value.
+    Value(Vec<u8>),
+    /// The pickled exception (with its remote traceback) the task raised.
+    Raised(Vec<u8>),
+    /// The worker running the task died; the text says which worker, how, and what it ran.
+    WorkerLost(String),
+    /// The pool was terminated before the task finished.
+    Terminated(String),
+}
+
+#[derive(Default)]
+struct Parts {
+    outcomes: Vec<Option<Outcome>>,
+    /// Parts finished so far (taken ones included).
+    finished: usize,
+    /// Known once no more parts will be added.
+    total: Option<usize>,
+    /// Finished part indices in the order they finished, for `imap_unordered`.
+    finish_order: VecDeque<usize>,
+    /// Set when all parts are in and any callbacks have run: `get()` may return.
+    ready: bool,
+}
+
+pub struct Job {
+    pub id: u64,
+    /// Jobs with callbacks become ready only after the callback thread ran them.
+    pub has_callbacks: bool,
+    parts: Mutex<Parts>,
+    changed: Condvar,
+}
+
+impl Job {
+    pub fn new(id: u64, total: Option<usize>, has_callbacks: bool) -> Job {
+        let parts = Parts { total, ..Parts::default() };
+        Job { id, has_callbacks, parts: Mutex::new(parts), changed: Condvar::new() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Parts> {
+        self.parts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record a part's outcome. Returns true when this completed the whole job.
+    /// A part that already has an outcome keeps it (the first word wins).
+    pub fn complete_part(&self, part: usize, outcome: Outcome) -> bool {
+        let mut p = self.lock();
+        if p.outcomes.len() <= part {
+            p.outcomes.resize(part + 1, None);
+        }
+        if p.outcomes[part].is_some() || p.finish_order.contains(&part) {
+            return false;
+        }
+        p.outcomes[part] = Some(outcome);
+        p.finished += 1;
+        p.finish_order.push_back(part);
+        let complete = p.total == Some(p.finished);
+        if complete && !self.has_callbacks {
+            p.ready = true;
+        }
+        drop(p);
+        self.changed.notify_all();
+        complete
+    }
+
+    /// No more parts will be added; `total` parts exist. Returns true when that completes the job.
+    pub fn seal(&self, total: usize) -> bool {
+        let mut p = self.lock();
+        p.total = Some(total);
+        let complete = p.finished == total;
+        if complete && !self.has_callbacks {
+            p.ready = true;
+        }
+        drop(p);
+        self.changed.notify_all();
+        complete
+    }
+
+    pub fn mark_ready(&self) {
+        self.lock().ready = true;
+        self.changed.notify_all();
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.lock().ready
+    }
+
+    pub fn is_complete(&self) -> bool {
+        let p = self.lock();
+        p.total == Some(p.finished)
+    }
+
+    pub fn total(&self) -> Option<usize> {
+        self.lock().total
+    }
+
+    /// Take part `part`'s outcome (each outcome is handed out once, so the pool keeps no copy).
+    pub fn take(&self, part: usize) -> Option<Outcome> {
+        let mut p = self.lock();
+        p.outcomes.get_mut(part).and_then(Option::take)
+    }
+
+    /// Block up to `timeout` until `pred` holds; returns whether it does.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&JobView) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.lock();
+        loop {
+            if pred(&JobView(&p)) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            p = self.changed.wait_timeout(p, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Pop the next part in finishing order, if one finished and was not yet popped.
+    pub fn pop_finished(&self) -> Option<usize> {
+        self.lock().finish_order.pop_front()
+    }
+}
+
+/// Read-only view of a job's state for wait predicates.
+pub struct JobView<'a>(&'a Parts);
+
+impl JobView<'_> {
+    pub fn ready(&self) -> bool {
+        self.0.ready
+    }
+    pub fn part_done(&self, part: usize) -> bool {
+        self.0.outcomes.get(part).is_some_and(Option::is_some)
+    }
+    /// The job is sealed and has no part `part`.
+    pub fn beyond(&self, part: usize) -> bool {
+        self.0.total.is_some_and(|t| part >= t)
+    }
+    pub fn any_unpopped(&self) -> bool {
+        !self.0.finish_order.is_empty()
+    }
+    /// All parts are accounted for and every finished one was popped.
+    pub fn exhausted(&self) -> bool {
+        self.0.total == Some(self.0.finished) && self.0.finish_order.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn single_part_job_is_ready_when_its_part_completes() {
+        let job = Job::new(1, Some(1), false);
+        assert!(!job.is_ready());
+        assert!(job.complete_part(0, Outcome::Value(b"x".to_vec())));
+        assert!(job.is_ready());
+        assert_eq!(job.take(0), Some(Outcome::Value(b"x".to_vec())));
+        assert_eq!(job.take(0), None, "an outcome is handed out once");
+    }
+
+    #[test]
+    fn job_with_callbacks_waits_for_mark_ready() {
+        let job = Job::new(1, Some(2), true);
+        assert!(!job.complete_part(1, Outcome::Raised(vec![])));
+        assert!(job.complete_part(0, Outcome::Value(vec![])));
+        assert!(!job.is_ready());
+        job.mark_ready();
+        assert!(job.is_ready());
+    }
+
+    #[test]
+    fn a_second_outcome_for_a_part_is_ignored() {
+        let job = Job::new(1, Some(2), false);
+        job.complete_part(0, Outcome::Value(vec![1]));
+        assert!(!job.complete_part(0, Outcome::Terminated("late".into())));
+        assert_eq!(job.take(0), Some(Outcome::Value(vec![1])));
+    }
+
+    #[test]
+    fn open_ended_job_completes_when_sealed() {
+        let job = Job::new(1, None, false);
+        job.complete_part(0, Outcome::Value(vec![]));
+        job.complete_part(1, Outcome::Value(vec![]));
+        assert!(!job.is_complete());
+        assert!(job.seal(2));
+        assert!(job.is_ready());
+    }
+
+    #[test]
+    fn finish_order_is_kept_for_unordered_readers() {
+        let job = Job::new(1, Some(3), false);
+        for part in [2, 0, 1] {
+            job.complete_part(part, Outcome::Value(vec![part as u8]));
+        }
+        let order: Vec<_> = std::iter::from_fn(|| job.pop_finished()).collect();
+        assert_eq!(order, vec![2, 0, 1]);
+    }
+
+    #[test]
+    fn waiters_wake_when_a_part_completes_on_another_thread() {
+        let job = Arc::new(Job::new(1, Some(1), false));
+        let j = job.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            j.complete_part(0, Outcome::Value(vec![]));
+        });
+        assert!(job.wait_for(Duration::from_secs(5), |v| v.part_done(0)));
+        t.join().unwrap();
+        assert!(!Job::new(2, Some(1), false).wait_for(Duration::from_millis(10), |v| v.ready()));
+    }
+}

@@ -1,0 +1,22 @@
+//! rpool's native module `rpool._rpool`: the module list and the exports, nothing else.
+
+pub mod bindings;
+pub mod child;
+pub mod frame;
+pub mod job;
+pub mod launch;
+pub mod pool;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The core's `log` records go to Python's logging, under the logger name "rpool".
+    let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
+        .filter_target("_rpool".to_owned(), log::LevelFilter::Trace)
+        .install();
+    m.add_class::<bindings::PoolCore>()?;
+    m.add_class::<bindings::PyJob>()?;
+    m.add_function(wrap_pyfunction!(bindings::worker_main, m)?)?;
+    Ok(())
+}

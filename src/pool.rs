@@ -1,0 +1,753 @@
+//! The pool's core: scheduling, worker supervision and result routing, with no Python in it.
+//!
+//! ```text
+//!  submit() ──► queue ──pump──► worker.outbox ──writev──► task pipe ──► worker process
+//!                                   │ (in-flight ids per worker)             │
+//!  Job (result slot) ◄── rpool-io ◄─┴────────── result pipe ◄────────────────┘
+//!        │                  │ pidfd readable: drain, reap, fail the head in-flight task,
+//!        │                  │                 requeue the rest, ask for a replacement
+//!        ▼                  ▼
+//!  callbacks channel   rpool-supervise: launches workers (fork needs the GIL, so not on rpool-io)
+//! ```
+//!
+//! Each worker has private pipes, so a dying worker cannot wedge a lock anyone else needs, and the
+//! parent always knows which tasks a worker holds. Tasks run in the order a worker received them,
+//! so when it dies only the first of its in-flight tasks can have started: that one fails, the
+//! others go back to the front of the queue.
+
+use crate::frame::{self, kind, FrameReader, HEADER_LEN};
+use crate::job::{Job, Outcome};
+use crossbeam::channel::{unbounded, Receiver, Sender};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A started worker process, as the launcher hands it over.
+pub struct Launched {
+    pub pid: i32,
+    /// Parent's end of the task pipe (parent writes).
+    pub task_fd: OwnedFd,
+    /// Parent's end of the result pipe (parent reads).
+    pub result_fd: OwnedFd,
+    /// Frames to send before any task (an exec'd worker's start-up data).
+    pub preamble: Vec<u8>,
+}
+
+/// Starts worker processes. The fork launcher needs the GIL, so launching runs on its own thread.
+pub trait Launch: Send + Sync {
+    fn launch(&self, number: u64) -> io::Result<Launched>;
+    /// Called on rpool-supervise before it exits (lets a launcher drop Python objects with the GIL).
+    fn release(&self) {}
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    Running,
+    Closed,
+    Terminated,
+}
+
+#[derive(Debug)]
+pub enum SubmitError {
+    NotRunning,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerState {
+    /// Launched, initializer not finished.
+    Starting,
+    Ready,
+    /// Sent its last task (maxtasksperchild) or a STOP: it will exit on its own.
+    Leaving,
+}
+
+struct InFlight {
+    id: u64,
+    job: Arc<Job>,
+    part: usize,
+    /// Header and payload, ready to write; kept until the result arrives so that a task a dead
+    /// worker never started can be sent to another.
+    frame: Arc<Vec<u8>>,
+}
+
+struct Task {
+    flight: InFlight,
+}
+
+struct Worker {
+    number: u64,
+    pid: i32,
+    task_fd: OwnedFd,
+    result_fd: OwnedFd,
+    pidfd: OwnedFd,
+    reader: FrameReader,
+    state: WorkerState,
+    inflight: VecDeque<InFlight>,
+    outbox: VecDeque<Arc<Vec<u8>>>,
+    /// Bytes of `outbox[0]` already written.
+    out_off: usize,
+    want_writable: bool,
+    sent: u64,
+    init_error: Option<String>,
+}
+
+struct Sched {
+    lifecycle: Lifecycle,
+    queue: VecDeque<Task>,
+    workers: Vec<Worker>,
+    /// Jobs that may still get parts (an `imap` still reading its input).
+    open_jobs: usize,
+    /// Launches asked for and not yet done.
+    launching: usize,
+    /// Average task run time reported by workers, for the prefetch depth.
+    avg_task_ns: f64,
+    /// Workers that exited in their initializer since a worker last started cleanly.
+    init_failures: u32,
+    broken: Option<String>,
+}
+
+enum SuperviseMsg {
+    Launch,
+    Stop,
+}
+
+pub struct PoolConfig {
+    pub processes: usize,
+    pub max_tasks_per_child: Option<u64>,
+    /// What to call the worker function in error messages is up to the caller; this names workers.
+    pub start_method: String,
+}
+
+pub struct Core {
+    config: PoolConfig,
+    sched: Mutex<Sched>,
+    /// Notified when workers start or exit.
+    changed: Condvar,
+    epoll: OwnedFd,
+    wake: OwnedFd,
+    next_id: AtomicU64,
+    supervise_tx: Sender<SuperviseMsg>,
+    callbacks_tx: Mutex<Option<Sender<Arc<Job>>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+static WORKER_NUMBERS: AtomicU64 = AtomicU64::new(1);
+
+const TOKEN_WAKE: u64 = u64::MAX;
+const FD_RESULT: u64 = 0;
+const FD_TASK: u64 = 1;
+const FD_PID: u64 = 2;
+
+/// Give up on a pool whose workers keep dying in their initializer after this many in a row.
+const MAX_INIT_FAILURES: u32 = 3;
+
+impl Core {
+    /// Start the pool's threads and its first workers. Completed jobs that have callbacks are
+    /// sent on the returned channel; the caller runs them and then calls `Job::mark_ready`.
+    pub fn start(config: PoolConfig, launcher: Arc<dyn Launch>) -> io::Result<(Arc<Core>, Receiver<Arc<Job>>)> {
+        let epoll = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let wake = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+        epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, wake.as_raw_fd(), libc::EPOLLIN as u32, TOKEN_WAKE)?;
+        let (supervise_tx, supervise_rx) = unbounded();
+        let (callbacks_tx, callbacks_rx) = unbounded();
+        let processes = config.processes;
+        let core = Arc::new(Core {
+            config,
+            sched: Mutex::new(Sched {
+                lifecycle: Lifecycle::Running,
+                queue: VecDeque::new(),
+                workers: Vec::new(),
+                open_jobs: 0,
+                launching: 0,
+                avg_task_ns: 1_000_000.0,
+                init_failures: 0,
+                broken: None,
+            }),
+            changed: Condvar::new(),
+            epoll,
+            wake,
+            next_id: AtomicU64::new(1),
+            supervise_tx,
+            callbacks_tx: Mutex::new(Some(callbacks_tx)),
+            threads: Mutex::new(Vec::new()),
+        });
+        let io_core = core.clone();
+        let io = std::thread::Builder::new().name("rpool-io".into()).spawn(move || io_core.io_loop())?;
+        let sup_core = core.clone();
+        let supervise = std::thread::Builder::new()
+            .name("rpool-supervise".into())
+            // A fork-started worker keeps running on this thread's stack: give it a main-thread-sized one.
+            .stack_size(16 << 20)
+            .spawn(move || sup_core.supervise_loop(&*launcher, supervise_rx))?;
+        core.threads.lock().unwrap().extend([io, supervise]);
+        // The first workers start now, before the pool is handed out, so that fork-started workers
+        // see the parent as it was when the pool was made (as the stdlib's do). They start on
+        // rpool-supervise, not on the caller's thread: a worker's PR_SET_PDEATHSIG follows the
+        // thread that forked it, and the caller's thread may end long before the pool does.
+        let mut s = core.lock();
+        s.launching = processes;
+        for _ in 0..processes {
+            let _ = core.supervise_tx.send(SuperviseMsg::Launch);
+        }
+        while s.launching > 0 {
+            s = core.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        let failure = s.broken.clone();
+        drop(s);
+        if let Some(reason) = failure {
+            core.terminate();
+            core.wait_finished(Duration::from_secs(5));
+            core.join_threads();
+            return Err(io::Error::other(reason));
+        }
+        Ok((core, callbacks_rx))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Sched> {
+        self.sched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lock().lifecycle
+    }
+
+    pub fn processes(&self) -> usize {
+        self.config.processes
+    }
+
+    /// A new result slot. `total` is `None` for a job whose parts are still being read (`imap`).
+    pub fn new_job(&self, total: Option<usize>, has_callbacks: bool) -> Result<Arc<Job>, SubmitError> {
+        let mut s = self.lock();
+        if s.lifecycle != Lifecycle::Running {
+            return Err(SubmitError::NotRunning);
+        }
+        let job = Arc::new(Job::new(self.next_id.fetch_add(1, Ordering::Relaxed), total, has_callbacks));
+        if total.is_none() {
+            s.open_jobs += 1;
+        }
+        Ok(job)
+    }
+
+    /// Queue part `part` of `job`; `payload` is the pickled call.
+    pub fn submit(&self, job: &Arc<Job>, part: usize, payload: &[u8]) -> Result<(), SubmitError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+        frame::encode_into(&mut frame, kind::TASK, id, 0, payload);
+        let flight = InFlight { id, job: job.clone(), part, frame: Arc::new(frame) };
+        let mut s = self.lock();
+        if s.lifecycle == Lifecycle::Terminated {
+            return Err(SubmitError::NotRunning);
+        }
+        if let Some(reason) = s.broken.clone() {
+            drop(s);
+            self.finish(vec![(flight, Outcome::WorkerLost(reason))]);
+            return Ok(());
+        }
+        s.queue.push_back(Task { flight });
+        self.pump(&mut s);
+        Ok(())
+    }
+
+    pub fn fail_part(&self, job: &Arc<Job>, part: usize, exc: Vec<u8>) {
+        if job.complete_part(part, Outcome::Raised(exc)) {
+            self.job_complete(job);
+        }
+    }
+
+    /// No more parts for an open job.
+    pub fn seal(&self, job: &Arc<Job>, total: usize) {
+        let complete = job.seal(total);
+        {
+            let mut s = self.lock();
+            s.open_jobs = s.open_jobs.saturating_sub(1);
+            self.pump(&mut s);
+        }
+        if complete {
+            self.job_complete(job);
+        }
+    }
+
+    pub fn close(&self) {
+        let mut s = self.lock();
+        if s.lifecycle == Lifecycle::Running {
+            s.lifecycle = Lifecycle::Closed;
+        }
+        self.pump(&mut s);
+        self.check_finished(&mut s);
+    }
+
+    /// Kill every worker and fail every unfinished task. Returns at once; `wait_finished` waits.
+    pub fn terminate(&self) {
+        let mut failed = Vec::new();
+        {
+            let mut s = self.lock();
+            if s.lifecycle == Lifecycle::Terminated {
+                return;
+            }
+            s.lifecycle = Lifecycle::Terminated;
+            let why = "the pool was terminated before this task finished";
+            failed.extend(s.queue.drain(..).map(|t| (t.flight, Outcome::Terminated(why.into()))));
+            for w in &mut s.workers {
+                failed.extend(w.inflight.drain(..).map(|f| (f, Outcome::Terminated(why.into()))));
+                w.outbox.clear();
+                // SIGKILL at once: the worker's state is being thrown away, and a worker stuck in C
+                // code or ignoring SIGTERM must not make terminate() wait.
+                unsafe { libc::kill(w.pid, libc::SIGKILL) };
+            }
+            self.check_finished(&mut s);
+        }
+        self.finish(failed);
+    }
+
+    /// True once every worker has exited and been reaped after close() or terminate().
+    pub fn wait_finished(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        loop {
+            if self.is_finished(&s) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = self.changed.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Join the core's threads (after `wait_finished`) and close the callbacks channel.
+    pub fn join_threads(&self) {
+        let _ = self.supervise_tx.send(SuperviseMsg::Stop);
+        self.poke();
+        let handles: Vec<_> = self.threads.lock().unwrap().drain(..).collect();
+        let me = std::thread::current().id();
+        for h in handles {
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
+        self.callbacks_tx.lock().unwrap().take();
+    }
+
+    pub fn worker_pids(&self) -> Vec<i32> {
+        self.lock().workers.iter().map(|w| w.pid).collect()
+    }
+
+    fn is_finished(&self, s: &Sched) -> bool {
+        s.lifecycle != Lifecycle::Running && s.workers.is_empty() && s.launching == 0
+    }
+
+    fn check_finished(&self, s: &mut Sched) {
+        self.changed.notify_all();
+        if self.is_finished(s) {
+            self.poke();
+        }
+    }
+
+    fn poke(&self) {
+        let one: u64 = 1;
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Move queued tasks to workers with room, write what can be written, and stop idle workers
+    /// once a closed pool has nothing left to run.
+    fn pump(&self, s: &mut Sched) {
+        let depth = prefetch_depth(s.avg_task_ns);
+        let max_tasks = self.config.max_tasks_per_child;
+        while !s.queue.is_empty() {
+            let pick = s
+                .workers
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.state == WorkerState::Ready && w.inflight.len() < depth)
+                .min_by_key(|(_, w)| w.inflight.len())
+                .map(|(i, _)| i);
+            let Some(i) = pick else { break };
+            let task = s.queue.pop_front().unwrap();
+            let w = &mut s.workers[i];
+            w.outbox.push_back(task.flight.frame.clone());
+            w.inflight.push_back(task.flight);
+            w.sent += 1;
+            if max_tasks.is_some_and(|m| w.sent >= m) {
+                w.state = WorkerState::Leaving;
+            }
+        }
+        let drained = s.lifecycle != Lifecycle::Running && s.queue.is_empty() && s.open_jobs == 0;
+        for w in &mut s.workers {
+            if drained && w.state == WorkerState::Ready && w.inflight.is_empty() {
+                let mut stop = Vec::with_capacity(HEADER_LEN);
+                frame::encode_into(&mut stop, kind::STOP, 0, 0, &[]);
+                w.outbox.push_back(Arc::new(stop));
+                w.state = WorkerState::Leaving;
+            }
+            if !w.outbox.is_empty() {
+                self.flush(w);
+            }
+        }
+    }
+
+    /// Non-blocking write of a worker's outbox; what does not fit waits for EPOLLOUT on rpool-io.
+    fn flush(&self, w: &mut Worker) {
+        while !w.outbox.is_empty() {
+            let parts: Vec<&[u8]> = w.outbox.iter().take(64).map(|f| f.as_slice()).collect();
+            let iov: Vec<libc::iovec> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let skip = if i == 0 { w.out_off } else { 0 };
+                    libc::iovec { iov_base: p[skip..].as_ptr() as *mut _, iov_len: p.len() - skip }
+                })
+                .collect();
+            let n = unsafe { libc::writev(w.task_fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                match err.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => break,
+                    // EPIPE: the worker is gone; its pidfd will tell rpool-io.
+                    _ => {
+                        w.outbox.clear();
+                        w.out_off = 0;
+                        break;
+                    }
+                }
+            }
+            let mut n = n as usize;
+            while n > 0 {
+                let left = w.outbox[0].len() - w.out_off;
+                if n >= left {
+                    n -= left;
+                    w.outbox.pop_front();
+                    w.out_off = 0;
+                } else {
+                    w.out_off += n;
+                    n = 0;
+                }
+            }
+        }
+        let want = !w.outbox.is_empty();
+        if want != w.want_writable {
+            w.want_writable = want;
+            let events = if want { libc::EPOLLOUT as u32 } else { 0 };
+            let _ = epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, w.task_fd.as_raw_fd(), events, token(w.number, FD_TASK));
+        }
+    }
+
+    /// Record outcomes outside the scheduler lock, then hand finished jobs on.
+    fn finish(&self, done: Vec<(InFlight, Outcome)>) {
+        for (flight, outcome) in done {
+            if flight.job.complete_part(flight.part, outcome) {
+                self.job_complete(&flight.job);
+            }
+        }
+    }
+
+    fn job_complete(&self, job: &Arc<Job>) {
+        if !job.has_callbacks {
+            return;
+        }
+        let terminated = self.lifecycle() == Lifecycle::Terminated;
+        let tx = self.callbacks_tx.lock().unwrap().clone();
+        match tx {
+            // Callbacks do not run for tasks cut short by terminate(), as in the stdlib.
+            Some(tx) if !terminated => {
+                if tx.send(job.clone()).is_err() {
+                    job.mark_ready();
+                }
+            }
+            _ => job.mark_ready(),
+        }
+    }
+
+    fn launch_one(&self, launcher: &dyn Launch) -> io::Result<()> {
+        let number = WORKER_NUMBERS.fetch_add(1, Ordering::Relaxed);
+        let launched = launcher.launch(number);
+        let mut s = self.lock();
+        s.launching -= 1;
+        self.changed.notify_all();
+        let launched = match launched {
+            Ok(l) => l,
+            Err(e) => {
+                self.check_finished(&mut s);
+                return Err(e);
+            }
+        };
+        let pidfd = match pidfd_open(launched.pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                unsafe { libc::kill(launched.pid, libc::SIGKILL) };
+                reap(launched.pid);
+                return Err(e);
+            }
+        };
+        set_nonblocking(launched.task_fd.as_raw_fd())?;
+        set_nonblocking(launched.result_fd.as_raw_fd())?;
+        let ep = self.epoll.as_raw_fd();
+        epoll_ctl(ep, libc::EPOLL_CTL_ADD, launched.result_fd.as_raw_fd(), libc::EPOLLIN as u32, token(number, FD_RESULT))?;
+        epoll_ctl(ep, libc::EPOLL_CTL_ADD, launched.task_fd.as_raw_fd(), 0, token(number, FD_TASK))?;
+        epoll_ctl(ep, libc::EPOLL_CTL_ADD, pidfd.as_raw_fd(), libc::EPOLLIN as u32, token(number, FD_PID))?;
+        let mut w = Worker {
+            number,
+            pid: launched.pid,
+            task_fd: launched.task_fd,
+            result_fd: launched.result_fd,
+            pidfd,
+            reader: FrameReader::new(),
+            state: WorkerState::Starting,
+            inflight: VecDeque::new(),
+            outbox: VecDeque::new(),
+            out_off: 0,
+            want_writable: false,
+            sent: 0,
+            init_error: None,
+        };
+        if !launched.preamble.is_empty() {
+            w.outbox.push_back(Arc::new(launched.preamble));
+            self.flush(&mut w);
+        }
+        if s.lifecycle == Lifecycle::Terminated {
+            unsafe { libc::kill(w.pid, libc::SIGKILL) };
+        }
+        log::debug!("started worker {} (pid {})", w.number, w.pid);
+        s.workers.push(w);
+        Ok(())
+    }
+
+    fn supervise_loop(&self, launcher: &dyn Launch, rx: Receiver<SuperviseMsg>) {
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                SuperviseMsg::Launch => {
+                    if let Err(e) = self.launch_one(launcher) {
+                        log::error!("could not start a worker process: {e}");
+                        self.break_pool(format!("could not start a worker process: {e}"));
+                    }
+                }
+                SuperviseMsg::Stop => break,
+            }
+        }
+        launcher.release();
+    }
+
+    /// Fail everything queued and everything submitted later with `reason`.
+    fn break_pool(&self, reason: String) {
+        let failed: Vec<_> = {
+            let mut s = self.lock();
+            s.broken = Some(reason.clone());
+            let mut failed: Vec<_> = s.queue.drain(..).map(|t| (t.flight, Outcome::WorkerLost(reason.clone()))).collect();
+            for w in &mut s.workers {
+                if w.state == WorkerState::Starting {
+                    failed.extend(w.inflight.drain(..).map(|f| (f, Outcome::WorkerLost(reason.clone()))));
+                }
+            }
+            self.check_finished(&mut s);
+            failed
+        };
+        self.finish(failed);
+    }
+
+    fn io_loop(&self) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
+        loop {
+            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, 1000) };
+            if n < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("rpool-io: epoll_wait failed: {}", io::Error::last_os_error());
+                return;
+            }
+            let mut done = Vec::new();
+            let mut exited = Vec::new();
+            {
+                let mut s = self.lock();
+                for ev in &events[..n as usize] {
+                    let (tok, flags) = (ev.u64, ev.events);
+                    if tok == TOKEN_WAKE {
+                        let mut buf = [0u8; 8];
+                        unsafe { libc::read(self.wake.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+                        continue;
+                    }
+                    let (number, which) = (tok >> 2, tok & 3);
+                    let Some(i) = s.workers.iter().position(|w| w.number == number) else { continue };
+                    match which {
+                        FD_RESULT => self.read_results(&mut s, i, &mut done),
+                        FD_TASK if flags & libc::EPOLLOUT as u32 != 0 => self.flush(&mut s.workers[i]),
+                        FD_PID => exited.push(number),
+                        _ => {}
+                    }
+                }
+                for number in exited {
+                    if let Some(i) = s.workers.iter().position(|w| w.number == number) {
+                        self.read_results(&mut s, i, &mut done);
+                        let w = s.workers.swap_remove(i);
+                        self.worker_exited(&mut s, w, &mut done);
+                    }
+                }
+                self.pump(&mut s);
+                self.check_finished(&mut s);
+                if self.is_finished(&s) {
+                    drop(s);
+                    self.finish(done);
+                    return;
+                }
+            }
+            self.finish(done);
+        }
+    }
+
+    fn read_results(&self, s: &mut Sched, i: usize, done: &mut Vec<(InFlight, Outcome)>) {
+        let mut became_ready = false;
+        let w = &mut s.workers[i];
+        let mut timings = Vec::new();
+        loop {
+            while let Some((h, body)) = w.reader.next_frame() {
+                match h.kind {
+                    kind::READY => {
+                        if w.state == WorkerState::Starting {
+                            w.state = WorkerState::Ready;
+                            became_ready = true;
+                        }
+                    }
+                    kind::VALUE | kind::RAISED => {
+                        let Some(pos) = w.inflight.iter().position(|f| f.id == h.id) else { continue };
+                        let flight = w.inflight.remove(pos).unwrap();
+                        let body = body.to_vec();
+                        let outcome = if h.kind == kind::VALUE { Outcome::Value(body) } else { Outcome::Raised(body) };
+                        timings.push(h.aux);
+                        done.push((flight, outcome));
+                    }
+                    kind::INIT_FAILED => w.init_error = Some(String::from_utf8_lossy(body).into_owned()),
+                    other => log::warn!("worker {} sent an unknown frame kind {other}", w.pid),
+                }
+            }
+            match w.reader.fill(w.result_fd.as_raw_fd()) {
+                Ok(frame::Fill::Data) => continue,
+                Ok(_) | Err(_) => break,
+            }
+        }
+        for ns in timings {
+            s.avg_task_ns = 0.8 * s.avg_task_ns + 0.2 * ns as f64;
+        }
+        if became_ready {
+            s.init_failures = 0;
+        }
+    }
+
+    fn worker_exited(&self, s: &mut Sched, mut w: Worker, done: &mut Vec<(InFlight, Outcome)>) {
+        let ep = self.epoll.as_raw_fd();
+        for fd in [w.result_fd.as_raw_fd(), w.task_fd.as_raw_fd(), w.pidfd.as_raw_fd()] {
+            let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, 0, 0);
+        }
+        let status = reap(w.pid);
+        let how = describe_exit(status);
+        let expected = w.state == WorkerState::Leaving && w.inflight.is_empty();
+        if let Some(tb) = &w.init_error {
+            s.init_failures += 1;
+            log::warn!("worker {} (pid {}) failed in its initializer and {how}:\n{tb}", w.number, w.pid);
+            if s.init_failures >= MAX_INIT_FAILURES && s.broken.is_none() {
+                let reason = format!(
+                    "{} worker processes in a row failed in the pool's initializer; the last one {how}:\n{tb}",
+                    s.init_failures
+                );
+                s.broken = Some(reason.clone());
+                done.extend(s.queue.drain(..).map(|t| (t.flight, Outcome::WorkerLost(reason.clone()))));
+            }
+        } else if !expected && s.lifecycle != Lifecycle::Terminated {
+            log::warn!("worker {} (pid {}) {how}", w.number, w.pid);
+        } else {
+            log::debug!("worker {} (pid {}) {how}", w.number, w.pid);
+        }
+        if let Some(lost) = w.inflight.pop_front() {
+            let msg = format!("worker process {} (pid {}) {how} while running this task", w.number, w.pid);
+            done.push((lost, Outcome::WorkerLost(msg)));
+        }
+        // The rest were never started: run them elsewhere, ahead of newer work.
+        while let Some(flight) = w.inflight.pop_back() {
+            if s.lifecycle == Lifecycle::Terminated {
+                done.push((flight, Outcome::Terminated("the pool was terminated before this task finished".into())));
+            } else {
+                s.queue.push_front(Task { flight });
+            }
+        }
+        let work_left = !s.queue.is_empty() || s.open_jobs > 0;
+        let replace = match s.lifecycle {
+            Lifecycle::Running => true,
+            Lifecycle::Closed => work_left,
+            Lifecycle::Terminated => false,
+        };
+        if replace && s.broken.is_none() {
+            s.launching += 1;
+            let _ = self.supervise_tx.send(SuperviseMsg::Launch);
+        }
+    }
+}
+
+/// How many tasks a worker may hold at once: enough to hide the round trip for tiny tasks,
+/// one for long tasks so that no task waits behind another while a worker is idle.
+fn prefetch_depth(avg_task_ns: f64) -> usize {
+    const WINDOW_NS: f64 = 2_000_000.0;
+    if avg_task_ns >= WINDOW_NS / 2.0 {
+        1
+    } else {
+        ((WINDOW_NS / avg_task_ns.max(1.0)) as usize).clamp(2, 64)
+    }
+}
+
+fn token(number: u64, which: u64) -> u64 {
+    (number << 2) | which
+}
+
+fn cvt(r: i32) -> io::Result<i32> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn epoll_ctl(ep: RawFd, op: i32, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: data };
+    cvt(unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) }).map(|_| ())
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(|_| ())
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = fd as RawFd;
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Wait for a child that has exited (its pidfd said so) and return its raw wait status.
+fn reap(pid: i32) -> i32 {
+    let mut status = 0;
+    loop {
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return status;
+        }
+    }
+}
+
+pub fn describe_exit(status: i32) -> String {
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        let name = nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| format!("signal {sig}"));
+        format!("was killed by {name} (signal {sig})")
+    } else {
+        format!("exited with code {}", libc::WEXITSTATUS(status))
+    }
+}
