@@ -92,6 +92,7 @@ struct Worker {
     out_off: usize,
     want_writable: bool,
     sent: u64,
+    stop_sent: bool,
     init_error: Option<String>,
 }
 
@@ -381,10 +382,15 @@ impl Core {
         let drained = s.lifecycle != Lifecycle::Running && s.queue.is_empty() && s.open_jobs == 0;
         for w in &mut s.workers {
             if drained && w.state == WorkerState::Ready && w.inflight.is_empty() {
+                w.state = WorkerState::Leaving;
+            }
+            // A worker at its task limit exits by itself after its last task; the STOP makes
+            // sure of it (a worker that already left never reads it).
+            if w.state == WorkerState::Leaving && w.inflight.is_empty() && !w.stop_sent {
                 let mut stop = Vec::with_capacity(HEADER_LEN);
                 frame::encode_into(&mut stop, kind::STOP, 0, 0, &[]);
                 w.outbox.push_back(Arc::new(stop));
-                w.state = WorkerState::Leaving;
+                w.stop_sent = true;
             }
             if !w.outbox.is_empty() {
                 self.flush(w);
@@ -505,6 +511,7 @@ impl Core {
             out_off: 0,
             want_writable: false,
             sent: 0,
+            stop_sent: false,
             init_error: None,
         };
         if !launched.preamble.is_empty() {
@@ -749,5 +756,150 @@ pub fn describe_exit(status: i32) -> String {
         format!("was killed by {name} (signal {sig})")
     } else {
         format!("exited with code {}", libc::WEXITSTATUS(status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::worker_pipes;
+
+    /// A worker without Python: `echo:X` answers X, `sleep:MS` sleeps then answers, `die` exits 7.
+    struct FakeLauncher;
+
+    impl Launch for FakeLauncher {
+        fn launch(&self, _number: u64) -> io::Result<Launched> {
+            let pipes = worker_pipes()?;
+            let parent = std::process::id() as libc::pid_t;
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                crate::launch::die_with_parent(parent);
+                let (task, result) = (pipes.task_r.as_raw_fd(), pipes.result_w.as_raw_fd());
+                let _ = crate::child::send(result, kind::READY, 0, 0, &[]);
+                let mut reader = FrameReader::new();
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(task) };
+                while let Ok(Some((h, body))) = reader.read_frame(fd) {
+                    if h.kind == kind::STOP {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&body).into_owned();
+                    if text == "die" {
+                        unsafe { libc::_exit(7) };
+                    }
+                    let answer = if let Some(ms) = text.strip_prefix("sleep:") {
+                        std::thread::sleep(Duration::from_millis(ms.parse().unwrap()));
+                        ms.to_string()
+                    } else {
+                        text.trim_start_matches("echo:").to_string()
+                    };
+                    let _ = crate::child::send(result, kind::VALUE, h.id, 1000, answer.as_bytes());
+                }
+                unsafe { libc::_exit(0) };
+            }
+            Ok(Launched { pid, task_fd: pipes.task_w, result_fd: pipes.result_r, preamble: Vec::new() })
+        }
+    }
+
+    fn pool(processes: usize, max_tasks: Option<u64>) -> Arc<Core> {
+        let config = PoolConfig { processes, max_tasks_per_child: max_tasks, start_method: "test".into() };
+        Core::start(config, Arc::new(FakeLauncher)).unwrap().0
+    }
+
+    fn run(core: &Arc<Core>, payloads: &[&str]) -> Arc<Job> {
+        let job = core.new_job(Some(payloads.len()), false).unwrap();
+        for (i, p) in payloads.iter().enumerate() {
+            core.submit(&job, i, p.as_bytes()).unwrap();
+        }
+        assert!(job.wait_for(Duration::from_secs(10), |v| v.ready()), "job never finished");
+        job
+    }
+
+    fn shut_down(core: &Arc<Core>) {
+        core.close();
+        assert!(core.wait_finished(Duration::from_secs(10)), "workers did not exit after close");
+        core.join_threads();
+    }
+
+    #[test]
+    fn every_part_gets_its_own_answer() {
+        let core = pool(2, None);
+        let payloads: Vec<String> = (0..200).map(|i| format!("echo:{i}")).collect();
+        let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        let job = run(&core, &refs);
+        for i in 0..200 {
+            assert_eq!(job.take(i), Some(Outcome::Value(i.to_string().into_bytes())));
+        }
+        shut_down(&core);
+    }
+
+    #[test]
+    fn a_dying_worker_fails_only_the_task_it_was_running() {
+        let core = pool(1, None);
+        // One worker: the death holds the head, the echo behind it was sent but never started.
+        let job = run(&core, &["die", "echo:after"]);
+        match job.take(0) {
+            Some(Outcome::WorkerLost(msg)) => assert!(msg.contains("exited with code 7"), "{msg}"),
+            other => panic!("expected WorkerLost, got {other:?}"),
+        }
+        assert_eq!(job.take(1), Some(Outcome::Value(b"after".to_vec())));
+        // The pool replaced the worker and keeps serving.
+        let again = run(&core, &["echo:still here"]);
+        assert_eq!(again.take(0), Some(Outcome::Value(b"still here".to_vec())));
+        shut_down(&core);
+    }
+
+    #[test]
+    fn max_tasks_per_child_replaces_workers_without_losing_tasks() {
+        let core = pool(2, Some(1));
+        let payloads: Vec<String> = (0..20).map(|i| format!("echo:{i}")).collect();
+        let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        let job = run(&core, &refs);
+        for i in 0..20 {
+            assert_eq!(job.take(i), Some(Outcome::Value(i.to_string().into_bytes())));
+        }
+        shut_down(&core);
+    }
+
+    #[test]
+    fn terminate_fails_unfinished_tasks_and_reaps_workers() {
+        let core = pool(2, None);
+        let job = core.new_job(Some(3), false).unwrap();
+        for (i, p) in ["sleep:5000", "sleep:5000", "echo:queued"].iter().enumerate() {
+            core.submit(&job, i, p.as_bytes()).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        core.terminate();
+        assert!(core.wait_finished(Duration::from_secs(5)));
+        assert!(started.elapsed() < Duration::from_secs(2), "terminate waited for the tasks");
+        assert!(job.is_ready());
+        for i in 0..3 {
+            assert!(matches!(job.take(i), Some(Outcome::Terminated(_))));
+        }
+        assert!(matches!(core.submit(&job, 0, b"x"), Err(SubmitError::NotRunning)));
+        core.join_threads();
+    }
+
+    #[test]
+    fn close_lets_queued_work_finish_then_workers_exit() {
+        let core = pool(2, None);
+        let job = core.new_job(Some(4), false).unwrap();
+        for i in 0..4 {
+            core.submit(&job, i, b"sleep:50").unwrap();
+        }
+        core.close();
+        assert!(core.new_job(Some(1), false).is_err(), "a closed pool accepts no new jobs");
+        assert!(core.wait_finished(Duration::from_secs(10)));
+        assert!(job.is_ready());
+        assert!(core.worker_pids().is_empty());
+        core.join_threads();
+    }
+
+    #[test]
+    fn prefetch_is_deep_for_tiny_tasks_and_one_for_long_ones() {
+        assert_eq!(prefetch_depth(10_000_000.0), 1);
+        assert_eq!(prefetch_depth(1_000_000.0), 1);
+        assert_eq!(prefetch_depth(100_000.0), 20);
+        assert_eq!(prefetch_depth(1_000.0), 64);
     }
 }
