@@ -4,7 +4,9 @@
 use crate::child;
 use crate::frame::{kind, FrameReader};
 use crate::job::{self, Outcome};
-use crate::launch::{self, die_with_parent, worker_pipes, ExecLauncher, EXEC_RESULT_FD, EXEC_TASK_FD};
+use crate::launch::{
+    self, die_with_parent, worker_pipes, ExecLauncher, EXEC_RESULT_FD, EXEC_TASK_FD,
+};
 use crate::pool::{Core, Launch, Launched, Lifecycle, PoolConfig, SubmitError};
 use crossbeam::channel::Receiver;
 use pyo3::buffer::PyBuffer;
@@ -23,9 +25,15 @@ const WAIT_SLICE: Duration = Duration::from_millis(50);
 
 /// Block until `ready(slice)` says so or `timeout` (seconds) passes, with the GIL released and
 /// KeyboardInterrupt delivered between slices. Every blocking wait in rpool goes through here.
-fn wait_interruptibly(py: Python<'_>, timeout: Option<f64>, ready: impl Fn(Duration) -> bool + Sync) -> PyResult<bool> {
+fn wait_interruptibly(
+    py: Python<'_>,
+    timeout: Option<f64>,
+    ready: impl Fn(Duration) -> bool + Sync,
+) -> PyResult<bool> {
     let deadline = match timeout {
-        Some(t) if t.is_nan() => return Err(PyValueError::new_err("timeout must be a number, not NaN")),
+        Some(t) if t.is_nan() => {
+            return Err(PyValueError::new_err("timeout must be a number, not NaN"))
+        }
         Some(t) => Some(Instant::now() + Duration::from_secs_f64(t.clamp(0.0, 1e9))),
         None => None,
     };
@@ -84,14 +92,18 @@ impl PyJob {
     #[pyo3(signature = (part, timeout=None))]
     fn wait_part(&self, py: Python<'_>, part: usize, timeout: Option<f64>) -> PyResult<bool> {
         let job = &self.inner;
-        wait_interruptibly(py, timeout, |slice| job.wait_for(slice, |v| v.part_done(part) || v.beyond(part)))
+        wait_interruptibly(py, timeout, |slice| {
+            job.wait_for(slice, |v| v.part_done(part) || v.beyond(part))
+        })
     }
 
     /// Wait until some finished part was not yet popped, or every part was popped.
     #[pyo3(signature = (timeout=None))]
     fn wait_any(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let job = &self.inner;
-        wait_interruptibly(py, timeout, |slice| job.wait_for(slice, |v| v.any_unpopped() || v.exhausted()))
+        wait_interruptibly(py, timeout, |slice| {
+            job.wait_for(slice, |v| v.any_unpopped() || v.exhausted())
+        })
     }
 
     fn pop_finished(&self) -> Option<usize> {
@@ -129,7 +141,12 @@ impl Launch for ForkLauncher {
         let pipes = worker_pipes()?;
         let parent = std::process::id() as libc::pid_t;
         let pid = Python::attach(|py| {
-            let bootstrap = self.bootstrap.lock().unwrap().as_ref().map(|b| b.clone_ref(py));
+            let bootstrap = self
+                .bootstrap
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|b| b.clone_ref(py));
             let Some(bootstrap) = bootstrap else {
                 return Err(io::Error::other("pool is shutting down"));
             };
@@ -143,9 +160,14 @@ impl Launch for ForkLauncher {
                     libc::close(pipes.task_w.as_raw_fd());
                     libc::close(pipes.result_r.as_raw_fd());
                 }
-                let code = run_child(py, number, task_r, result_w, &mut FrameReader::new(), |py| {
-                    bootstrap.call1(py, (number,)).map(|r| r.into_bound(py))
-                });
+                let code = run_child(
+                    py,
+                    number,
+                    task_r,
+                    result_w,
+                    &mut FrameReader::new(),
+                    |py| bootstrap.call1(py, (number,)).map(|r| r.into_bound(py)),
+                );
                 unsafe { libc::_exit(code) }
             }
             unsafe { ffi::PyOS_AfterFork_Parent() };
@@ -154,7 +176,12 @@ impl Launch for ForkLauncher {
             }
             Ok(pid)
         })?;
-        Ok(Launched { pid, task_fd: pipes.task_w, result_fd: pipes.result_r, preamble: Vec::new() })
+        Ok(Launched {
+            pid,
+            task_fd: pipes.task_w,
+            result_fd: pipes.result_r,
+            preamble: Vec::new(),
+        })
     }
 
     fn release(&self) {
@@ -172,13 +199,18 @@ fn run_child<'py>(
     bootstrap: impl FnOnce(Python<'py>) -> PyResult<Bound<'py, PyAny>>,
 ) -> i32 {
     let code = match bootstrap(py).and_then(|r| r.extract::<(Bound<'py, PyAny>, Option<u64>)>()) {
-        Ok((execute, max_tasks)) => child::serve(py, reader, task_fd, result_fd, &execute, max_tasks),
+        Ok((execute, max_tasks)) => {
+            child::serve(py, reader, task_fd, result_fd, &execute, max_tasks)
+        }
         Err(err) => {
             child::report_init_failure(py, result_fd, err);
             1
         }
     };
-    if let Err(e) = py.import("rpool._worker").and_then(|w| w.call_method0("exit_worker")) {
+    if let Err(e) = py
+        .import("rpool._worker")
+        .and_then(|w| w.call_method0("exit_worker"))
+    {
         e.print(py);
     }
     code
@@ -198,7 +230,9 @@ pub fn worker_main(py: Python<'_>) -> PyResult<i32> {
         }
         let (h, body) = reader.next_frame().expect("frame buffered");
         if h.kind != kind::CONFIG {
-            return Err(PyOSError::new_err("rpool worker: expected start-up data before tasks"));
+            return Err(PyOSError::new_err(
+                "rpool worker: expected start-up data before tasks",
+            ));
         }
         number = h.id;
         config.push(PyBytes::new(py, body));
@@ -206,31 +240,41 @@ pub fn worker_main(py: Python<'_>) -> PyResult<i32> {
     let worker = py.import("rpool._worker")?;
     worker.call_method1("prepare", (&config[0],))?;
     let setup = &config[1];
-    Ok(run_child(py, number, EXEC_TASK_FD, EXEC_RESULT_FD, &mut reader, |_py| {
-        worker.call_method1("bootstrap_spawned", (setup, number))
-    }))
+    Ok(run_child(
+        py,
+        number,
+        EXEC_TASK_FD,
+        EXEC_RESULT_FD,
+        &mut reader,
+        |_py| worker.call_method1("bootstrap_spawned", (setup, number)),
+    ))
 }
 
 /// Runs callbacks in the parent, one at a time, with the GIL: `deliver(job_ids)` looks the jobs
 /// up, calls their callbacks (guarded) and marks them ready.
-fn spawn_callbacks_thread(rx: Receiver<Arc<job::Job>>, deliver: Py<PyAny>) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name("rpool-callbacks".into()).spawn(move || {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            batch.extend(rx.try_iter());
-            Python::attach(|py| {
-                let ids: Vec<u64> = batch.iter().map(|j| j.id).collect();
-                if let Err(e) = deliver.call1(py, (ids,)) {
-                    e.print(py);
+fn spawn_callbacks_thread(
+    rx: Receiver<Arc<job::Job>>,
+    deliver: Py<PyAny>,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("rpool-callbacks".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                batch.extend(rx.try_iter());
+                Python::attach(|py| {
+                    let ids: Vec<u64> = batch.iter().map(|j| j.id).collect();
+                    if let Err(e) = deliver.call1(py, (ids,)) {
+                        e.print(py);
+                    }
+                });
+                // Whatever deliver() did, no waiter may hang on these jobs.
+                for job in batch {
+                    job.mark_ready();
                 }
-            });
-            // Whatever deliver() did, no waiter may hang on these jobs.
-            for job in batch {
-                job.mark_ready();
             }
-        }
-        Python::attach(|_py| drop(deliver));
-    })
+            Python::attach(|_py| drop(deliver));
+        })
 }
 
 #[pyclass(frozen, module = "rpool._rpool")]
@@ -267,6 +311,8 @@ impl PoolCore {
     /// `fork_bootstrap(number) -> (execute, max_tasks)` for fork; `exec_argv` and
     /// `exec_preamble` (two pickles: spawn preparation data, worker setup) for spawn.
     #[new]
+    // One argument per pool setting, as the Python constructor passes them.
+    #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (processes, start_method, max_tasks_per_child, deliver, fork_bootstrap=None, exec_argv=None, exec_preamble=None))]
     fn new(
         py: Python<'_>,
@@ -279,23 +325,43 @@ impl PoolCore {
         exec_preamble: Option<Vec<Vec<u8>>>,
     ) -> PyResult<Self> {
         let launcher: Arc<dyn Launch> = match (fork_bootstrap, exec_argv) {
-            (Some(b), None) => Arc::new(ForkLauncher { bootstrap: Mutex::new(Some(b)) }),
+            (Some(b), None) => Arc::new(ForkLauncher {
+                bootstrap: Mutex::new(Some(b)),
+            }),
             (None, Some(argv)) => {
                 launch::check_argv(&argv)?;
-                Arc::new(ExecLauncher { argv, preamble: exec_preamble.unwrap_or_default() })
+                Arc::new(ExecLauncher {
+                    argv,
+                    preamble: exec_preamble.unwrap_or_default(),
+                })
             }
-            _ => return Err(PyValueError::new_err("give exactly one of fork_bootstrap and exec_argv")),
+            _ => {
+                return Err(PyValueError::new_err(
+                    "give exactly one of fork_bootstrap and exec_argv",
+                ))
+            }
         };
-        let config = PoolConfig { processes, max_tasks_per_child, start_method };
-        let (core, callbacks_rx) = py.detach(|| Core::start(config, launcher)).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let config = PoolConfig {
+            processes,
+            max_tasks_per_child,
+            start_method,
+        };
+        let (core, callbacks_rx) = py
+            .detach(|| Core::start(config, launcher))
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
         let callbacks = spawn_callbacks_thread(callbacks_rx, deliver)?;
-        Ok(PoolCore { core, callbacks: Mutex::new(Some(callbacks)) })
+        Ok(PoolCore {
+            core,
+            callbacks: Mutex::new(Some(callbacks)),
+        })
     }
 
     /// A new result slot with `total` parts (`None`: parts are added until `seal`).
     #[pyo3(signature = (total, has_callbacks))]
     fn new_job(&self, total: Option<usize>, has_callbacks: bool) -> PyResult<PyJob> {
-        Ok(PyJob { inner: self.core.new_job(total, has_callbacks)? })
+        Ok(PyJob {
+            inner: self.core.new_job(total, has_callbacks)?,
+        })
     }
 
     /// Queue part `part` of `job`: `payload` is the pickled `(func, args, kwds)`.

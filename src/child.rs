@@ -8,7 +8,13 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Instant;
 
 pub fn send(fd: RawFd, kind: u8, id: u64, aux: u64, payload: &[u8]) -> std::io::Result<()> {
-    let header = Header { kind, len: payload.len() as u32, id, aux }.encode();
+    let header = Header {
+        kind,
+        len: payload.len() as u32,
+        id,
+        aux,
+    }
+    .encode();
     frame::write_all(fd, &[&header, payload])
 }
 
@@ -56,7 +62,10 @@ pub fn serve(
         }
         let payload = PyBytes::new(py, body);
         let started = Instant::now();
-        let (ok, data) = match execute.call1((payload,)).and_then(|r| r.extract::<(bool, Bound<'_, PyBytes>)>()) {
+        let (ok, data) = match execute
+            .call1((payload,))
+            .and_then(|r| r.extract::<(bool, Bound<'_, PyBytes>)>())
+        {
             Ok(r) => r,
             Err(e) => {
                 // execute() guards every task error, so this is a bug in rpool itself.
@@ -67,7 +76,10 @@ pub fn serve(
         let ran_ns = started.elapsed().as_nanos() as u64;
         let bytes = data.as_bytes();
         let kind = if ok { kind::VALUE } else { kind::RAISED };
-        if py.detach(|| send(result_fd, kind, header.id, ran_ns, bytes)).is_err() {
+        if py
+            .detach(|| send(result_fd, kind, header.id, ran_ns, bytes))
+            .is_err()
+        {
             return 0;
         }
         completed += 1;

@@ -81,7 +81,11 @@ impl Default for FrameReader {
 
 impl FrameReader {
     pub fn new() -> Self {
-        FrameReader { buf: vec![0; 64 * 1024], start: 0, end: 0 }
+        FrameReader {
+            buf: vec![0; 64 * 1024],
+            start: 0,
+            end: 0,
+        }
     }
 
     /// The next complete frame already buffered, if any.
@@ -110,7 +114,11 @@ impl FrameReader {
         self.make_room();
         loop {
             let n = unsafe {
-                libc::read(fd, self.buf[self.end..].as_mut_ptr().cast(), self.buf.len() - self.end)
+                libc::read(
+                    fd,
+                    self.buf[self.end..].as_mut_ptr().cast(),
+                    self.buf.len() - self.end,
+                )
             };
             if n > 0 {
                 self.end += n as usize;
@@ -138,7 +146,10 @@ impl FrameReader {
             match self.fill(fd.as_raw_fd())? {
                 Fill::Data => {}
                 Fill::Eof if self.has_partial() => {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "pipe closed inside a frame"))
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "pipe closed inside a frame",
+                    ))
                 }
                 Fill::Eof => return Ok(false),
                 Fill::WouldBlock => wait_readable(fd.as_raw_fd())?,
@@ -149,7 +160,9 @@ impl FrameReader {
     fn peek_complete(&self) -> bool {
         let avail = self.end - self.start;
         avail >= HEADER_LEN
-            && avail >= HEADER_LEN + Header::decode(&self.buf[self.start..self.start + HEADER_LEN]).len as usize
+            && avail
+                >= HEADER_LEN
+                    + Header::decode(&self.buf[self.start..self.start + HEADER_LEN]).len as usize
     }
 
     /// Blocking: the next frame, or `None` at a clean EOF between frames.
@@ -187,7 +200,11 @@ impl FrameReader {
 }
 
 fn wait_readable(fd: RawFd) -> io::Result<()> {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     loop {
         let r = unsafe { libc::poll(&mut pfd, 1, -1) };
         if r >= 0 {
@@ -217,7 +234,10 @@ pub fn write_some(fd: RawFd, parts: &[&[u8]], idx: usize, off: usize) -> io::Res
     for (i, p) in parts[idx..].iter().enumerate().take(512) {
         let skip = if i == 0 { off } else { 0 };
         if p.len() > skip {
-            iov.push(libc::iovec { iov_base: p[skip..].as_ptr() as *mut _, iov_len: p.len() - skip });
+            iov.push(libc::iovec {
+                iov_base: p[skip..].as_ptr() as *mut _,
+                iov_len: p.len() - skip,
+            });
         }
     }
     if iov.is_empty() {
@@ -240,7 +260,11 @@ pub fn write_some(fd: RawFd, parts: &[&[u8]], idx: usize, off: usize) -> io::Res
 }
 
 fn wait_writable(fd: RawFd) -> io::Result<()> {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
     unsafe { libc::poll(&mut pfd, 1, -1) };
     Ok(())
 }
@@ -269,7 +293,12 @@ mod tests {
 
     #[test]
     fn header_round_trips() {
-        let h = Header { kind: kind::VALUE, len: 77, id: u64::MAX - 3, aux: 12345 };
+        let h = Header {
+            kind: kind::VALUE,
+            len: 77,
+            id: u64::MAX - 3,
+            aux: 12345,
+        };
         assert_eq!(Header::decode(&h.encode()), h);
     }
 
@@ -278,7 +307,13 @@ mod tests {
         let (r, w) = pipe();
         let mut batch = Vec::new();
         for i in 0..100u64 {
-            encode_into(&mut batch, kind::TASK, i, 0, format!("payload {i}").as_bytes());
+            encode_into(
+                &mut batch,
+                kind::TASK,
+                i,
+                0,
+                format!("payload {i}").as_bytes(),
+            );
         }
         write_all(w.as_raw_fd(), &[&batch]).unwrap();
         drop(w);
@@ -297,7 +332,13 @@ mod tests {
         let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let expected = big.clone();
         let writer = std::thread::spawn(move || {
-            let h = Header { kind: kind::TASK, len: big.len() as u32, id: 9, aux: 0 }.encode();
+            let h = Header {
+                kind: kind::TASK,
+                len: big.len() as u32,
+                id: 9,
+                aux: 0,
+            }
+            .encode();
             write_all(w.as_raw_fd(), &[&h, &big]).unwrap();
         });
         let mut reader = FrameReader::new();
@@ -310,7 +351,13 @@ mod tests {
     #[test]
     fn eof_inside_a_frame_is_an_error() {
         let (r, w) = pipe();
-        let h = Header { kind: kind::TASK, len: 10, id: 1, aux: 0 }.encode();
+        let h = Header {
+            kind: kind::TASK,
+            len: 10,
+            id: 1,
+            aux: 0,
+        }
+        .encode();
         write_all(w.as_raw_fd(), &[&h, b"abc"]).unwrap();
         drop(w);
         let err = FrameReader::new().read_frame(r.as_fd()).unwrap_err();

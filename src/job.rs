@@ -41,8 +41,16 @@ pub struct Job {
 
 impl Job {
     pub fn new(id: u64, total: Option<usize>, has_callbacks: bool) -> Job {
-        let parts = Parts { total, ..Parts::default() };
-        Job { id, has_callbacks, parts: Mutex::new(parts), changed: Condvar::new() }
+        let parts = Parts {
+            total,
+            ..Parts::default()
+        };
+        Job {
+            id,
+            has_callbacks,
+            parts: Mutex::new(parts),
+            changed: Condvar::new(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Parts> {
@@ -120,7 +128,11 @@ impl Job {
             if now >= deadline {
                 return false;
             }
-            p = self.changed.wait_timeout(p, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            p = self
+                .changed
+                .wait_timeout(p, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 

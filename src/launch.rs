@@ -37,7 +37,12 @@ pub fn worker_pipes() -> io::Result<WorkerPipes> {
     for fd in [&task_w, &result_w] {
         unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
     }
-    Ok(WorkerPipes { task_r, task_w, result_r, result_w })
+    Ok(WorkerPipes {
+        task_r,
+        task_w,
+        result_r,
+        result_w,
+    })
 }
 
 /// Called in a freshly forked child: die with the parent thread, and notice if it is already gone.
@@ -74,7 +79,11 @@ impl Launch for ExecLauncher {
                 // Move the pipe ends to fixed numbers, via high numbers so neither clobbers the other.
                 let a = libc::fcntl(task_r, libc::F_DUPFD, 10);
                 let b = libc::fcntl(result_w, libc::F_DUPFD, 10);
-                if a < 0 || b < 0 || libc::dup2(a, EXEC_TASK_FD) < 0 || libc::dup2(b, EXEC_RESULT_FD) < 0 {
+                if a < 0
+                    || b < 0
+                    || libc::dup2(a, EXEC_TASK_FD) < 0
+                    || libc::dup2(b, EXEC_RESULT_FD) < 0
+                {
                     return Err(io::Error::last_os_error());
                 }
                 libc::close(a);
@@ -88,17 +97,27 @@ impl Launch for ExecLauncher {
         for part in &self.preamble {
             frame::encode_into(&mut preamble, kind::CONFIG, number, 0, part);
         }
-        Ok(Launched { pid: child.id() as i32, task_fd: pipes.task_w, result_fd: pipes.result_r, preamble })
+        Ok(Launched {
+            pid: child.id() as i32,
+            task_fd: pipes.task_w,
+            result_fd: pipes.result_r,
+            preamble,
+        })
     }
 }
 
 /// Keep CString import used for argv validation.
 pub fn check_argv(argv: &[String]) -> io::Result<()> {
     if argv.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty worker command line"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "empty worker command line",
+        ));
     }
     for a in argv {
-        CString::new(a.as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in worker command line"))?;
+        CString::new(a.as_bytes()).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, "NUL in worker command line")
+        })?;
     }
     Ok(())
 }

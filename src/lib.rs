@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // The core's `log` records go to Python's logging, under the logger name "rpool".
     let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
-        .filter_target("_rpool".to_owned(), log::LevelFilter::Trace)
+        .filter(log::LevelFilter::Trace)
         .install();
     m.add_class::<bindings::PoolCore>()?;
     m.add_class::<bindings::PyJob>()?;

@@ -149,12 +149,21 @@ const MAX_INIT_FAILURES: u32 = 3;
 impl Core {
     /// Start the pool's threads and its first workers. Completed jobs that have callbacks are
     /// sent on the returned channel; the caller runs them and then calls `Job::mark_ready`.
-    pub fn start(config: PoolConfig, launcher: Arc<dyn Launch>) -> io::Result<(Arc<Core>, Receiver<Arc<Job>>)> {
+    pub fn start(
+        config: PoolConfig,
+        launcher: Arc<dyn Launch>,
+    ) -> io::Result<(Arc<Core>, Receiver<Arc<Job>>)> {
         let epoll = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
         let wake = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
         let wake = unsafe { OwnedFd::from_raw_fd(wake) };
-        epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, wake.as_raw_fd(), libc::EPOLLIN as u32, TOKEN_WAKE)?;
+        epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            wake.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            TOKEN_WAKE,
+        )?;
         let (supervise_tx, supervise_rx) = unbounded();
         let (callbacks_tx, callbacks_rx) = unbounded();
         let processes = config.processes;
@@ -179,7 +188,9 @@ impl Core {
             threads: Mutex::new(Vec::new()),
         });
         let io_core = core.clone();
-        let io = std::thread::Builder::new().name("rpool-io".into()).spawn(move || io_core.io_loop())?;
+        let io = std::thread::Builder::new()
+            .name("rpool-io".into())
+            .spawn(move || io_core.io_loop())?;
         let sup_core = core.clone();
         let supervise = std::thread::Builder::new()
             .name("rpool-supervise".into())
@@ -223,12 +234,20 @@ impl Core {
     }
 
     /// A new result slot. `total` is `None` for a job whose parts are still being read (`imap`).
-    pub fn new_job(&self, total: Option<usize>, has_callbacks: bool) -> Result<Arc<Job>, SubmitError> {
+    pub fn new_job(
+        &self,
+        total: Option<usize>,
+        has_callbacks: bool,
+    ) -> Result<Arc<Job>, SubmitError> {
         let mut s = self.lock();
         if s.lifecycle != Lifecycle::Running {
             return Err(SubmitError::NotRunning);
         }
-        let job = Arc::new(Job::new(self.next_id.fetch_add(1, Ordering::Relaxed), total, has_callbacks));
+        let job = Arc::new(Job::new(
+            self.next_id.fetch_add(1, Ordering::Relaxed),
+            total,
+            has_callbacks,
+        ));
         if total.is_none() {
             s.open_jobs += 1;
         }
@@ -240,7 +259,12 @@ impl Core {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
         frame::encode_into(&mut frame, kind::TASK, id, 0, payload);
-        let flight = InFlight { id, job: job.clone(), part, frame: Arc::new(frame) };
+        let flight = InFlight {
+            id,
+            job: job.clone(),
+            part,
+            frame: Arc::new(frame),
+        };
         let mut s = self.lock();
         if s.lifecycle == Lifecycle::Terminated {
             return Err(SubmitError::NotRunning);
@@ -293,9 +317,17 @@ impl Core {
             }
             s.lifecycle = Lifecycle::Terminated;
             let why = "the pool was terminated before this task finished";
-            failed.extend(s.queue.drain(..).map(|t| (t.flight, Outcome::Terminated(why.into()))));
+            failed.extend(
+                s.queue
+                    .drain(..)
+                    .map(|t| (t.flight, Outcome::Terminated(why.into()))),
+            );
             for w in &mut s.workers {
-                failed.extend(w.inflight.drain(..).map(|f| (f, Outcome::Terminated(why.into()))));
+                failed.extend(
+                    w.inflight
+                        .drain(..)
+                        .map(|f| (f, Outcome::Terminated(why.into()))),
+                );
                 w.outbox.clear();
                 // SIGKILL at once: the worker's state is being thrown away, and a worker stuck in C
                 // code or ignoring SIGTERM must not make terminate() wait.
@@ -318,7 +350,11 @@ impl Core {
             if now >= deadline {
                 return false;
             }
-            s = self.changed.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            s = self
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -407,10 +443,19 @@ impl Core {
                 .enumerate()
                 .map(|(i, p)| {
                     let skip = if i == 0 { w.out_off } else { 0 };
-                    libc::iovec { iov_base: p[skip..].as_ptr() as *mut _, iov_len: p.len() - skip }
+                    libc::iovec {
+                        iov_base: p[skip..].as_ptr() as *mut _,
+                        iov_len: p.len() - skip,
+                    }
                 })
                 .collect();
-            let n = unsafe { libc::writev(w.task_fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+            let n = unsafe {
+                libc::writev(
+                    w.task_fd.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len() as libc::c_int,
+                )
+            };
             if n < 0 {
                 let err = io::Error::last_os_error();
                 match err.kind() {
@@ -441,7 +486,13 @@ impl Core {
         if want != w.want_writable {
             w.want_writable = want;
             let events = if want { libc::EPOLLOUT as u32 } else { 0 };
-            let _ = epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, w.task_fd.as_raw_fd(), events, token(w.number, FD_TASK));
+            let _ = epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_MOD,
+                w.task_fd.as_raw_fd(),
+                events,
+                token(w.number, FD_TASK),
+            );
         }
     }
 
@@ -495,9 +546,27 @@ impl Core {
         set_nonblocking(launched.task_fd.as_raw_fd())?;
         set_nonblocking(launched.result_fd.as_raw_fd())?;
         let ep = self.epoll.as_raw_fd();
-        epoll_ctl(ep, libc::EPOLL_CTL_ADD, launched.result_fd.as_raw_fd(), libc::EPOLLIN as u32, token(number, FD_RESULT))?;
-        epoll_ctl(ep, libc::EPOLL_CTL_ADD, launched.task_fd.as_raw_fd(), 0, token(number, FD_TASK))?;
-        epoll_ctl(ep, libc::EPOLL_CTL_ADD, pidfd.as_raw_fd(), libc::EPOLLIN as u32, token(number, FD_PID))?;
+        epoll_ctl(
+            ep,
+            libc::EPOLL_CTL_ADD,
+            launched.result_fd.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            token(number, FD_RESULT),
+        )?;
+        epoll_ctl(
+            ep,
+            libc::EPOLL_CTL_ADD,
+            launched.task_fd.as_raw_fd(),
+            0,
+            token(number, FD_TASK),
+        )?;
+        epoll_ctl(
+            ep,
+            libc::EPOLL_CTL_ADD,
+            pidfd.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            token(number, FD_PID),
+        )?;
         let mut w = Worker {
             number,
             pid: launched.pid,
@@ -521,8 +590,10 @@ impl Core {
         if s.lifecycle == Lifecycle::Terminated {
             unsafe { libc::kill(w.pid, libc::SIGKILL) };
         }
-        log::debug!("started worker {} (pid {})", w.number, w.pid);
+        let started = format!("started worker {} (pid {})", w.number, w.pid);
         s.workers.push(w);
+        drop(s);
+        log::debug!(target: "rpool", "{started}");
         Ok(())
     }
 
@@ -531,7 +602,7 @@ impl Core {
             match msg {
                 SuperviseMsg::Launch => {
                     if let Err(e) = self.launch_one(launcher) {
-                        log::error!("could not start a worker process: {e}");
+                        log::error!(target: "rpool", "could not start a worker process: {e}");
                         self.break_pool(format!("could not start a worker process: {e}"));
                     }
                 }
@@ -546,10 +617,18 @@ impl Core {
         let failed: Vec<_> = {
             let mut s = self.lock();
             s.broken = Some(reason.clone());
-            let mut failed: Vec<_> = s.queue.drain(..).map(|t| (t.flight, Outcome::WorkerLost(reason.clone()))).collect();
+            let mut failed: Vec<_> = s
+                .queue
+                .drain(..)
+                .map(|t| (t.flight, Outcome::WorkerLost(reason.clone())))
+                .collect();
             for w in &mut s.workers {
                 if w.state == WorkerState::Starting {
-                    failed.extend(w.inflight.drain(..).map(|f| (f, Outcome::WorkerLost(reason.clone()))));
+                    failed.extend(
+                        w.inflight
+                            .drain(..)
+                            .map(|f| (f, Outcome::WorkerLost(reason.clone()))),
+                    );
                 }
             }
             self.check_finished(&mut s);
@@ -561,16 +640,26 @@ impl Core {
     fn io_loop(&self) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
         loop {
-            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, 1000) };
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    1000,
+                )
+            };
             if n < 0 {
                 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                log::error!("rpool-io: epoll_wait failed: {}", io::Error::last_os_error());
+                log::error!(target: "rpool", "rpool-io: epoll_wait failed: {}", io::Error::last_os_error());
                 return;
             }
             let mut done = Vec::new();
             let mut exited = Vec::new();
+            // Logging takes the GIL (pyo3-log), and a Python thread may hold the GIL while it waits
+            // for the scheduler lock: so lines are logged only after the lock is released.
+            let mut logs = Vec::new();
             {
                 let mut s = self.lock();
                 for ev in &events[..n as usize] {
@@ -581,34 +670,46 @@ impl Core {
                         continue;
                     }
                     let (number, which) = (tok >> 2, tok & 3);
-                    let Some(i) = s.workers.iter().position(|w| w.number == number) else { continue };
+                    let Some(i) = s.workers.iter().position(|w| w.number == number) else {
+                        continue;
+                    };
                     match which {
-                        FD_RESULT => self.read_results(&mut s, i, &mut done),
-                        FD_TASK if flags & libc::EPOLLOUT as u32 != 0 => self.flush(&mut s.workers[i]),
+                        FD_RESULT => self.read_results(&mut s, i, &mut done, &mut logs),
+                        FD_TASK if flags & libc::EPOLLOUT as u32 != 0 => {
+                            self.flush(&mut s.workers[i])
+                        }
                         FD_PID => exited.push(number),
                         _ => {}
                     }
                 }
                 for number in exited {
                     if let Some(i) = s.workers.iter().position(|w| w.number == number) {
-                        self.read_results(&mut s, i, &mut done);
+                        self.read_results(&mut s, i, &mut done, &mut logs);
                         let w = s.workers.swap_remove(i);
-                        self.worker_exited(&mut s, w, &mut done);
+                        self.worker_exited(&mut s, w, &mut done, &mut logs);
                     }
                 }
                 self.pump(&mut s);
                 self.check_finished(&mut s);
                 if self.is_finished(&s) {
                     drop(s);
+                    emit(logs);
                     self.finish(done);
                     return;
                 }
             }
+            emit(logs);
             self.finish(done);
         }
     }
 
-    fn read_results(&self, s: &mut Sched, i: usize, done: &mut Vec<(InFlight, Outcome)>) {
+    fn read_results(
+        &self,
+        s: &mut Sched,
+        i: usize,
+        done: &mut Vec<(InFlight, Outcome)>,
+        logs: &mut Vec<LogLine>,
+    ) {
         let mut became_ready = false;
         let w = &mut s.workers[i];
         let mut timings = Vec::new();
@@ -622,15 +723,26 @@ impl Core {
                         }
                     }
                     kind::VALUE | kind::RAISED => {
-                        let Some(pos) = w.inflight.iter().position(|f| f.id == h.id) else { continue };
+                        let Some(pos) = w.inflight.iter().position(|f| f.id == h.id) else {
+                            continue;
+                        };
                         let flight = w.inflight.remove(pos).unwrap();
                         let body = body.to_vec();
-                        let outcome = if h.kind == kind::VALUE { Outcome::Value(body) } else { Outcome::Raised(body) };
+                        let outcome = if h.kind == kind::VALUE {
+                            Outcome::Value(body)
+                        } else {
+                            Outcome::Raised(body)
+                        };
                         timings.push(h.aux);
                         done.push((flight, outcome));
                     }
-                    kind::INIT_FAILED => w.init_error = Some(String::from_utf8_lossy(body).into_owned()),
-                    other => log::warn!("worker {} sent an unknown frame kind {other}", w.pid),
+                    kind::INIT_FAILED => {
+                        w.init_error = Some(String::from_utf8_lossy(body).into_owned())
+                    }
+                    other => logs.push((
+                        log::Level::Warn,
+                        format!("worker {} sent an unknown frame kind {other}", w.pid),
+                    )),
                 }
             }
             match w.reader.fill(w.result_fd.as_raw_fd()) {
@@ -646,52 +758,98 @@ impl Core {
         }
     }
 
-    fn worker_exited(&self, s: &mut Sched, mut w: Worker, done: &mut Vec<(InFlight, Outcome)>) {
+    fn worker_exited(
+        &self,
+        s: &mut Sched,
+        mut w: Worker,
+        done: &mut Vec<(InFlight, Outcome)>,
+        logs: &mut Vec<LogLine>,
+    ) {
         let ep = self.epoll.as_raw_fd();
-        for fd in [w.result_fd.as_raw_fd(), w.task_fd.as_raw_fd(), w.pidfd.as_raw_fd()] {
+        for fd in [
+            w.result_fd.as_raw_fd(),
+            w.task_fd.as_raw_fd(),
+            w.pidfd.as_raw_fd(),
+        ] {
             let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, 0, 0);
         }
         let status = reap(w.pid);
         let how = describe_exit(status);
         let expected = w.state == WorkerState::Leaving && w.inflight.is_empty();
+        let work_left = !s.queue.is_empty() || s.open_jobs > 0 || w.inflight.len() > 1;
+        let mut replace = match s.lifecycle {
+            Lifecycle::Running => true,
+            Lifecycle::Closed => work_left,
+            Lifecycle::Terminated => false,
+        };
         if let Some(tb) = &w.init_error {
             s.init_failures += 1;
-            log::warn!("worker {} (pid {}) failed in its initializer and {how}:\n{tb}", w.number, w.pid);
+            logs.push((
+                log::Level::Warn,
+                format!(
+                    "worker {} (pid {}) failed in its initializer and {how}",
+                    w.number, w.pid
+                ),
+            ));
             if s.init_failures >= MAX_INIT_FAILURES && s.broken.is_none() {
                 let reason = format!(
                     "{} worker processes in a row failed in the pool's initializer; the last one {how}:\n{tb}",
                     s.init_failures
                 );
                 s.broken = Some(reason.clone());
-                done.extend(s.queue.drain(..).map(|t| (t.flight, Outcome::WorkerLost(reason.clone()))));
+                done.extend(
+                    s.queue
+                        .drain(..)
+                        .map(|t| (t.flight, Outcome::WorkerLost(reason.clone()))),
+                );
             }
         } else if !expected && s.lifecycle != Lifecycle::Terminated {
-            log::warn!("worker {} (pid {}) {how}", w.number, w.pid);
+            let then = if replace {
+                "; starting a replacement"
+            } else {
+                ""
+            };
+            logs.push((
+                log::Level::Warn,
+                format!("worker {} (pid {}) {how}{then}", w.number, w.pid),
+            ));
         } else {
-            log::debug!("worker {} (pid {}) {how}", w.number, w.pid);
+            logs.push((
+                log::Level::Debug,
+                format!("worker {} (pid {}) {how}", w.number, w.pid),
+            ));
         }
+        replace &= s.broken.is_none();
         if let Some(lost) = w.inflight.pop_front() {
-            let msg = format!("worker process {} (pid {}) {how} while running this task", w.number, w.pid);
+            let msg = format!(
+                "worker process {} (pid {}) {how} while running this task",
+                w.number, w.pid
+            );
             done.push((lost, Outcome::WorkerLost(msg)));
         }
         // The rest were never started: run them elsewhere, ahead of newer work.
         while let Some(flight) = w.inflight.pop_back() {
             if s.lifecycle == Lifecycle::Terminated {
-                done.push((flight, Outcome::Terminated("the pool was terminated before this task finished".into())));
+                done.push((
+                    flight,
+                    Outcome::Terminated("the pool was terminated before this task finished".into()),
+                ));
             } else {
                 s.queue.push_front(Task { flight });
             }
         }
-        let work_left = !s.queue.is_empty() || s.open_jobs > 0;
-        let replace = match s.lifecycle {
-            Lifecycle::Running => true,
-            Lifecycle::Closed => work_left,
-            Lifecycle::Terminated => false,
-        };
-        if replace && s.broken.is_none() {
+        if replace {
             s.launching += 1;
             let _ = self.supervise_tx.send(SuperviseMsg::Launch);
         }
+    }
+}
+
+type LogLine = (log::Level, String);
+
+fn emit(lines: Vec<LogLine>) {
+    for (level, line) in lines {
+        log::log!(target: "rpool", level, "{line}");
     }
 }
 
@@ -752,7 +910,9 @@ fn reap(pid: i32) -> i32 {
 pub fn describe_exit(status: i32) -> String {
     if libc::WIFSIGNALED(status) {
         let sig = libc::WTERMSIG(status);
-        let name = nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| format!("signal {sig}"));
+        let name = nix::sys::signal::Signal::try_from(sig)
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_else(|_| format!("signal {sig}"));
         format!("was killed by {name} (signal {sig})")
     } else {
         format!("exited with code {}", libc::WEXITSTATUS(status))
@@ -796,12 +956,21 @@ mod tests {
                 }
                 unsafe { libc::_exit(0) };
             }
-            Ok(Launched { pid, task_fd: pipes.task_w, result_fd: pipes.result_r, preamble: Vec::new() })
+            Ok(Launched {
+                pid,
+                task_fd: pipes.task_w,
+                result_fd: pipes.result_r,
+                preamble: Vec::new(),
+            })
         }
     }
 
     fn pool(processes: usize, max_tasks: Option<u64>) -> Arc<Core> {
-        let config = PoolConfig { processes, max_tasks_per_child: max_tasks, start_method: "test".into() };
+        let config = PoolConfig {
+            processes,
+            max_tasks_per_child: max_tasks,
+            start_method: "test".into(),
+        };
         Core::start(config, Arc::new(FakeLauncher)).unwrap().0
     }
 
@@ -810,13 +979,19 @@ mod tests {
         for (i, p) in payloads.iter().enumerate() {
             core.submit(&job, i, p.as_bytes()).unwrap();
         }
-        assert!(job.wait_for(Duration::from_secs(10), |v| v.ready()), "job never finished");
+        assert!(
+            job.wait_for(Duration::from_secs(10), |v| v.ready()),
+            "job never finished"
+        );
         job
     }
 
     fn shut_down(core: &Arc<Core>) {
         core.close();
-        assert!(core.wait_finished(Duration::from_secs(10)), "workers did not exit after close");
+        assert!(
+            core.wait_finished(Duration::from_secs(10)),
+            "workers did not exit after close"
+        );
         core.join_threads();
     }
 
@@ -827,7 +1002,10 @@ mod tests {
         let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
         let job = run(&core, &refs);
         for i in 0..200 {
-            assert_eq!(job.take(i), Some(Outcome::Value(i.to_string().into_bytes())));
+            assert_eq!(
+                job.take(i),
+                Some(Outcome::Value(i.to_string().into_bytes()))
+            );
         }
         shut_down(&core);
     }
@@ -855,7 +1033,10 @@ mod tests {
         let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
         let job = run(&core, &refs);
         for i in 0..20 {
-            assert_eq!(job.take(i), Some(Outcome::Value(i.to_string().into_bytes())));
+            assert_eq!(
+                job.take(i),
+                Some(Outcome::Value(i.to_string().into_bytes()))
+            );
         }
         shut_down(&core);
     }
@@ -864,19 +1045,28 @@ mod tests {
     fn terminate_fails_unfinished_tasks_and_reaps_workers() {
         let core = pool(2, None);
         let job = core.new_job(Some(3), false).unwrap();
-        for (i, p) in ["sleep:5000", "sleep:5000", "echo:queued"].iter().enumerate() {
+        for (i, p) in ["sleep:5000", "sleep:5000", "echo:queued"]
+            .iter()
+            .enumerate()
+        {
             core.submit(&job, i, p.as_bytes()).unwrap();
         }
         std::thread::sleep(Duration::from_millis(100));
         let started = Instant::now();
         core.terminate();
         assert!(core.wait_finished(Duration::from_secs(5)));
-        assert!(started.elapsed() < Duration::from_secs(2), "terminate waited for the tasks");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "terminate waited for the tasks"
+        );
         assert!(job.is_ready());
         for i in 0..3 {
             assert!(matches!(job.take(i), Some(Outcome::Terminated(_))));
         }
-        assert!(matches!(core.submit(&job, 0, b"x"), Err(SubmitError::NotRunning)));
+        assert!(matches!(
+            core.submit(&job, 0, b"x"),
+            Err(SubmitError::NotRunning)
+        ));
         core.join_threads();
     }
 
@@ -888,7 +1078,10 @@ mod tests {
             core.submit(&job, i, b"sleep:50").unwrap();
         }
         core.close();
-        assert!(core.new_job(Some(1), false).is_err(), "a closed pool accepts no new jobs");
+        assert!(
+            core.new_job(Some(1), false).is_err(),
+            "a closed pool accepts no new jobs"
+        );
         assert!(core.wait_finished(Duration::from_secs(10)));
         assert!(job.is_ready());
         assert!(core.worker_pids().is_empty());
