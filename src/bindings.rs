@@ -2,6 +2,7 @@
 //! the fork launcher (it needs the GIL), the callbacks thread and the exec'd worker's entry point.
 
 use crate::child;
+use crate::forkserver::{self, ForkServerLauncher};
 use crate::frame::{kind, FrameReader};
 use crate::job::{self, Outcome};
 use crate::launch::{
@@ -250,6 +251,87 @@ pub fn worker_main(py: Python<'_>) -> PyResult<i32> {
     ))
 }
 
+/// Entry point of the `forkserver` server process: prepare `__main__` and the worker setup once,
+/// then fork one worker per request from the pool (see `forkserver.rs`). Returns the exit code.
+#[pyfunction]
+pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
+    let mut reader = FrameReader::new();
+    let config_pipe = unsafe { std::os::fd::BorrowedFd::borrow_raw(forkserver::SERVER_CONFIG_FD) };
+    let mut config = Vec::new();
+    while config.len() < 2 {
+        if !py.detach(|| reader.wait_frame(config_pipe))? {
+            return Ok(1);
+        }
+        let (_, body) = reader.next_frame().expect("frame buffered");
+        config.push(PyBytes::new(py, body));
+    }
+    unsafe { libc::close(forkserver::SERVER_CONFIG_FD) };
+    let worker = py.import("rpool._worker")?;
+    worker.call_method1("prepare", (&config[0],))?;
+    let setup = worker.call_method1("load_setup", (&config[1],))?;
+    let sigfd = forkserver::sigchld_fd()?;
+    let sock = forkserver::SERVER_SOCK_FD;
+    let server_pid = std::process::id() as libc::pid_t;
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: sock,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sigfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        py.detach(|| unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) });
+        if fds[1].revents != 0 {
+            forkserver::report_exits(sock, sigfd.as_raw_fd());
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        let Some((request, pipe_ends)) = forkserver::recv_msg(sock)? else {
+            return Ok(0); // the pool is gone
+        };
+        if request.kind != forkserver::SPAWN || pipe_ends.len() != 2 {
+            continue;
+        }
+        let number = request.id;
+        unsafe { ffi::PyOS_BeforeFork() };
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            unsafe { ffi::PyOS_AfterFork_Child() };
+            forkserver::unblock_sigchld();
+            die_with_parent(server_pid);
+            unsafe {
+                libc::close(sock);
+                libc::close(sigfd.as_raw_fd());
+            }
+            let (task_fd, result_fd) = (pipe_ends[0].as_raw_fd(), pipe_ends[1].as_raw_fd());
+            let code = run_child(
+                py,
+                number,
+                task_fd,
+                result_fd,
+                &mut FrameReader::new(),
+                |_py| worker.call_method1("bootstrap_forked", (&setup, number)),
+            );
+            unsafe { libc::_exit(code) }
+        }
+        unsafe { ffi::PyOS_AfterFork_Parent() };
+        drop(pipe_ends);
+        let reply = crate::frame::Header {
+            kind: forkserver::SPAWNED,
+            len: 0,
+            id: number,
+            aux: pid.max(0) as u64,
+        };
+        forkserver::send_msg(sock, reply, &[])?;
+    }
+}
+
 /// Runs callbacks in the parent, one at a time, with the GIL: `deliver(job_ids)` looks the jobs
 /// up, calls their callbacks (guarded) and marks them ready.
 fn spawn_callbacks_thread(
@@ -309,7 +391,8 @@ impl PoolCore {
 #[pymethods]
 impl PoolCore {
     /// `fork_bootstrap(number) -> (execute, max_tasks)` for fork; `exec_argv` and
-    /// `exec_preamble` (two pickles: spawn preparation data, worker setup) for spawn.
+    /// `exec_preamble` (two pickles: spawn preparation data, worker setup) for spawn, where
+    /// `exec_argv` starts a worker, and for forkserver, where it starts the fork server.
     #[new]
     // One argument per pool setting, as the Python constructor passes them.
     #[allow(clippy::too_many_arguments)]
@@ -330,10 +413,12 @@ impl PoolCore {
             }),
             (None, Some(argv)) => {
                 launch::check_argv(&argv)?;
-                Arc::new(ExecLauncher {
-                    argv,
-                    preamble: exec_preamble.unwrap_or_default(),
-                })
+                let preamble = exec_preamble.unwrap_or_default();
+                if start_method == "forkserver" {
+                    Arc::new(ForkServerLauncher::new(argv, preamble))
+                } else {
+                    Arc::new(ExecLauncher { argv, preamble })
+                }
             }
             _ => {
                 return Err(PyValueError::new_err(
@@ -344,7 +429,6 @@ impl PoolCore {
         let config = PoolConfig {
             processes,
             max_tasks_per_child,
-            start_method,
         };
         let (core, callbacks_rx) = py
             .detach(|| Core::start(config, launcher))

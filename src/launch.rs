@@ -17,7 +17,7 @@ use crate::frame::{self, kind};
 use crate::pool::{Launch, Launched};
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -59,7 +59,7 @@ pub fn die_with_parent(parent: libc::pid_t) {
 pub const EXEC_TASK_FD: i32 = 3;
 pub const EXEC_RESULT_FD: i32 = 4;
 
-/// fork+exec of a fresh interpreter (`spawn`, and `forkserver` for now): nothing of the parent's
+/// fork+exec of a fresh interpreter per worker (`spawn`): nothing of the parent's
 /// memory is shared, so this is safe from any thread.
 pub struct ExecLauncher {
     pub argv: Vec<String>,
@@ -67,32 +67,39 @@ pub struct ExecLauncher {
     pub preamble: Vec<Vec<u8>>,
 }
 
+/// fork+exec `argv` with `fds[0]` and `fds[1]` at fd 3 and 4, dying with the calling thread.
+pub fn exec_with_fds(argv: &[String], fds: [RawFd; 2]) -> io::Result<std::process::Child> {
+    let parent = std::process::id() as libc::pid_t;
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move the ends to fixed numbers, via high numbers so neither clobbers the other.
+            let a = libc::fcntl(fds[0], libc::F_DUPFD, 10);
+            let b = libc::fcntl(fds[1], libc::F_DUPFD, 10);
+            if a < 0
+                || b < 0
+                || libc::dup2(a, EXEC_TASK_FD) < 0
+                || libc::dup2(b, EXEC_RESULT_FD) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            libc::close(a);
+            libc::close(b);
+            die_with_parent(parent);
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
 impl Launch for ExecLauncher {
     fn launch(&self, number: u64) -> io::Result<Launched> {
         let pipes = worker_pipes()?;
-        let (task_r, result_w) = (pipes.task_r.as_raw_fd(), pipes.result_w.as_raw_fd());
-        let parent = std::process::id() as libc::pid_t;
-        let mut cmd = Command::new(&self.argv[0]);
-        cmd.args(&self.argv[1..]);
-        unsafe {
-            cmd.pre_exec(move || {
-                // Move the pipe ends to fixed numbers, via high numbers so neither clobbers the other.
-                let a = libc::fcntl(task_r, libc::F_DUPFD, 10);
-                let b = libc::fcntl(result_w, libc::F_DUPFD, 10);
-                if a < 0
-                    || b < 0
-                    || libc::dup2(a, EXEC_TASK_FD) < 0
-                    || libc::dup2(b, EXEC_RESULT_FD) < 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                libc::close(a);
-                libc::close(b);
-                die_with_parent(parent);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn()?;
+        let child = exec_with_fds(
+            &self.argv,
+            [pipes.task_r.as_raw_fd(), pipes.result_w.as_raw_fd()],
+        )?;
         let mut preamble = Vec::new();
         for part in &self.preamble {
             frame::encode_into(&mut preamble, kind::CONFIG, number, 0, part);

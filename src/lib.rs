@@ -2,6 +2,7 @@
 
 pub mod bindings;
 pub mod child;
+pub mod forkserver;
 pub mod frame;
 pub mod job;
 pub mod launch;
@@ -18,5 +19,6 @@ fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bindings::PoolCore>()?;
     m.add_class::<bindings::PyJob>()?;
     m.add_function(wrap_pyfunction!(bindings::worker_main, m)?)?;
+    m.add_function(wrap_pyfunction!(bindings::forkserver_main, m)?)?;
     Ok(())
 }

@@ -42,6 +42,10 @@ pub trait Launch: Send + Sync {
     fn launch(&self, number: u64) -> io::Result<Launched>;
     /// Called on rpool-supervise before it exits (lets a launcher drop Python objects with the GIL).
     fn release(&self) {}
+    /// The raw wait status of worker `pid`, which has exited (its pidfd said so).
+    fn reap(&self, pid: i32) -> i32 {
+        reap(pid)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,8 +123,6 @@ enum SuperviseMsg {
 pub struct PoolConfig {
     pub processes: usize,
     pub max_tasks_per_child: Option<u64>,
-    /// What to call the worker function in error messages is up to the caller; this names workers.
-    pub start_method: String,
 }
 
 pub struct Core {
@@ -134,6 +136,7 @@ pub struct Core {
     supervise_tx: Sender<SuperviseMsg>,
     callbacks_tx: Mutex<Option<Sender<Arc<Job>>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    launcher: Arc<dyn Launch>,
 }
 
 static WORKER_NUMBERS: AtomicU64 = AtomicU64::new(1);
@@ -186,6 +189,7 @@ impl Core {
             supervise_tx,
             callbacks_tx: Mutex::new(Some(callbacks_tx)),
             threads: Mutex::new(Vec::new()),
+            launcher,
         });
         let io_core = core.clone();
         let io = std::thread::Builder::new()
@@ -196,7 +200,7 @@ impl Core {
             .name("rpool-supervise".into())
             // A fork-started worker keeps running on this thread's stack: give it a main-thread-sized one.
             .stack_size(16 << 20)
-            .spawn(move || sup_core.supervise_loop(&*launcher, supervise_rx))?;
+            .spawn(move || sup_core.supervise_loop(supervise_rx))?;
         core.threads.lock().unwrap().extend([io, supervise]);
         // The first workers start now, before the pool is handed out, so that fork-started workers
         // see the parent as it was when the pool was made (as the stdlib's do). They start on
@@ -395,7 +399,11 @@ impl Core {
     /// Move queued tasks to workers with room, write what can be written, and stop idle workers
     /// once a closed pool has nothing left to run.
     fn pump(&self, s: &mut Sched) {
-        let depth = prefetch_depth(s.avg_task_ns);
+        // No worker takes more than its fair share of the work in sight, counting workers still
+        // starting: otherwise the first ready worker could take every long task of a short map.
+        let in_flight: usize = s.workers.iter().map(|w| w.inflight.len()).sum();
+        let fair_share = (s.queue.len() + in_flight).div_ceil(self.config.processes.max(1));
+        let depth = prefetch_depth(s.avg_task_ns).min(fair_share.max(1));
         let max_tasks = self.config.max_tasks_per_child;
         while !s.queue.is_empty() {
             let pick = s
@@ -597,7 +605,8 @@ impl Core {
         Ok(())
     }
 
-    fn supervise_loop(&self, launcher: &dyn Launch, rx: Receiver<SuperviseMsg>) {
+    fn supervise_loop(&self, rx: Receiver<SuperviseMsg>) {
+        let launcher = &*self.launcher;
         while let Ok(msg) = rx.recv() {
             match msg {
                 SuperviseMsg::Launch => {
@@ -773,7 +782,7 @@ impl Core {
         ] {
             let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, 0, 0);
         }
-        let status = reap(w.pid);
+        let status = self.launcher.reap(w.pid);
         let how = describe_exit(status);
         let expected = w.state == WorkerState::Leaving && w.inflight.is_empty();
         let work_left = !s.queue.is_empty() || s.open_jobs > 0 || w.inflight.len() > 1;
@@ -969,7 +978,6 @@ mod tests {
         let config = PoolConfig {
             processes,
             max_tasks_per_child: max_tasks,
-            start_method: "test".into(),
         };
         Core::start(config, Arc::new(FakeLauncher)).unwrap().0
     }

@@ -94,6 +94,10 @@ def prepare(data):
     spawn.prepare(pickle.loads(data))
 
 
+def load_setup(data):
+    return pickle.loads(data)
+
+
 def bootstrap_spawned(setup, number):
     return _become_worker(pickle.loads(setup), number, forked=False)
 
@@ -110,6 +114,15 @@ def exit_worker():
         except Exception:
             pass
         util._flush_std_streams()
+
+
+def forkserver_main():
+    """Entry point of the `forkserver` start method's server process."""
+    from rpool import _rpool
+
+    # Ctrl-C reaches the whole process group; the pool in the parent handles it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os._exit(_rpool.forkserver_main())
 
 
 def spawn_main():

@@ -280,8 +280,9 @@ class Pool:
             # The stdlib refuses to pickle an AuthenticationString outside its own spawning.
             prep["authkey"] = bytes(prep["authkey"])
             preamble = [pickle.dumps(prep, pickle.HIGHEST_PROTOCOL), _dumps(setup)]
+            entry = "forkserver_main" if method == "forkserver" else "spawn_main"
             self._core = _rpool.PoolCore(
-                processes, method, maxtasksperchild, deliver, exec_argv=_exec_command(), exec_preamble=preamble
+                processes, method, maxtasksperchild, deliver, exec_argv=_exec_command(entry), exec_preamble=preamble
             )
         self._state = RUN
         _live_pools.add(self)
@@ -445,11 +446,11 @@ def _bootstrap_forked(setup, number):
     return bootstrap_forked(setup, number)
 
 
-def _exec_command():
+def _exec_command(entry):
     from subprocess import _args_from_interpreter_flags
 
     exe = _spawn.get_executable()
-    return [os.fsdecode(exe), *_args_from_interpreter_flags(), "-c", "from rpool._worker import spawn_main; spawn_main()"]
+    return [os.fsdecode(exe), *_args_from_interpreter_flags(), "-c", f"from rpool._worker import {entry}; {entry}()"]
 
 
 @atexit.register
