@@ -131,8 +131,7 @@ impl PyJob {
     }
 }
 
-/// The fork start method: fork this interpreter on rpool-supervise (see `launch.rs` for why
-/// that is safe) and run `bootstrap(number) -> (execute, max_tasks)` in the child.
+/// The fork start method: fork this interpreter (see `launch.rs` for why that is safe) and run `bootstrap(number) -> (execute, max_tasks)` in the child.
 struct ForkLauncher {
     bootstrap: Mutex<Option<Py<PyAny>>>,
 }

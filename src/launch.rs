@@ -1,7 +1,8 @@
 //! Starting worker processes: the one place that decides between fork and fork+exec.
 //!
-//! Why forking here is safe although the parent runs Rust threads: the fork happens on
-//! rpool-supervise while it holds the GIL, between `PyOS_BeforeFork` and `PyOS_AfterFork_*`, so
+//! Why forking here is safe although the parent runs Rust threads: the fork happens (on the main
+//! thread for a pool's first workers, on rpool-supervise for replacements; see `Core::start`)
+//! while the forking thread holds the GIL, between `PyOS_BeforeFork` and `PyOS_AfterFork_*`, so
 //! the interpreter's own locks are in a known state. The child runs only `child::serve` on its own
 //! two pipe ends and calls into Python; it never touches the parent's Rust state (scheduler mutex,
 //! channels), which other threads may have held at the moment of the fork. Rust allocates through
@@ -9,7 +10,8 @@
 //! GIL in rpool, so pyo3's deferred-decref lock cannot be held by another thread at fork time.
 //!
 //! Every worker gets PR_SET_PDEATHSIG(SIGKILL): it dies with the thread that started it, which is
-//! rpool-supervise, which lives until the pool's workers are gone. Workers learn to stop from a
+//! the main thread (it ends with the process) or rpool-supervise (it lives until the pool's
+//! workers are gone). Workers learn to stop from a
 //! STOP frame and the parent learns of exits from a pidfd, so a pipe end inherited by some other
 //! process can neither keep a worker alive nor hide a death.
 

@@ -203,14 +203,25 @@ impl Core {
             .spawn(move || sup_core.supervise_loop(supervise_rx))?;
         core.threads.lock().unwrap().extend([io, supervise]);
         // The first workers start now, before the pool is handed out, so that fork-started workers
-        // see the parent as it was when the pool was made (as the stdlib's do). They start on
-        // rpool-supervise, not on the caller's thread: a worker's PR_SET_PDEATHSIG follows the
-        // thread that forked it, and the caller's thread may end long before the pool does.
-        let mut s = core.lock();
-        s.launching = processes;
+        // see the parent as it was when the pool was made (as the stdlib's do). On the main thread
+        // they fork right here, as the stdlib's do: a pool made while a module is being imported
+        // then gets workers in which that module's import lock is still their own thread's, so
+        // unpickling its functions does not wait forever. From any other thread they start on
+        // rpool-supervise instead, because a worker's PR_SET_PDEATHSIG follows the thread that
+        // forked it and the caller's thread may end long before the pool does (the main thread
+        // ends only with the process).
+        core.lock().launching = processes;
+        let on_main_thread = unsafe { libc::gettid() == libc::getpid() };
         for _ in 0..processes {
-            let _ = core.supervise_tx.send(SuperviseMsg::Launch);
+            if on_main_thread {
+                if let Err(e) = core.launch_one(&*core.launcher) {
+                    core.break_pool(format!("could not start a worker process: {e}"));
+                }
+            } else {
+                let _ = core.supervise_tx.send(SuperviseMsg::Launch);
+            }
         }
+        let mut s = core.lock();
         while s.launching > 0 {
             s = core.changed.wait(s).unwrap_or_else(|e| e.into_inner());
         }

@@ -1,0 +1,221 @@
+"""Module-level task functions used by the test-suite.
+
+Everything here must be importable by name in a freshly spawned worker, so
+the functions live at module level (pytest puts ``tests/`` on ``sys.path``
+because there is no ``tests/__init__.py``; keep it that way).
+"""
+
+import importlib
+import multiprocessing
+import os
+import sys
+import time
+
+# A module global that a test modifies in the parent: a forked worker sees the
+# modified value, a spawned / forkserver worker re-imports this module and sees
+# the initial one.
+STATE = "initial"
+
+# Set by the initializer in each worker.
+_INIT_VALUE = None
+
+
+# --------------------------------------------------------------- plain tasks
+def square(x):
+    return x * x
+
+
+def add(a, b=0):
+    return a + b
+
+
+def mul(a, b):
+    return a * b
+
+
+def identity(x):
+    return x
+
+
+def getpid(_=None):
+    return os.getpid()
+
+
+def sleep_and_return(delay, value=None):
+    time.sleep(delay)
+    return value
+
+
+def sleep_return(pair):
+    """Single-argument variant (for imap): ``pair`` is ``(delay, value)``."""
+    delay, value = pair
+    time.sleep(delay)
+    return value
+
+
+def sleep_getpid(delay):
+    time.sleep(delay)
+    return os.getpid()
+
+
+def kwargs_echo(*args, **kwargs):
+    return (args, sorted(kwargs.items()))
+
+
+def nbytes(data):
+    return len(data)
+
+
+class Adder:
+    def __init__(self, k):
+        self.k = k
+
+    def add(self, x):
+        return x + self.k
+
+
+class Payload:
+    """A weak-referenceable argument / result object."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __eq__(self, other):
+        return isinstance(other, Payload) and other.n == self.n
+
+    def __hash__(self):
+        return hash(self.n)
+
+    def __repr__(self):
+        return f"Payload({self.n})"
+
+
+def payload_n(p):
+    return p.n
+
+
+def payload_double(p):
+    return Payload(p.n * 2)
+
+
+# --------------------------------------------------------------- failures
+class CustomError(Exception):
+    pass
+
+
+def raise_value_error(msg="boom"):
+    raise ValueError(msg)
+
+
+def raise_custom(*args):
+    raise CustomError(*args)
+
+
+def fail_on(x, bad=(3,)):
+    """Identity, except raise ValueError('bad <x>') for x in ``bad``."""
+    if x in bad:
+        raise ValueError(f"bad {x}")
+    return x
+
+
+def fail_on_1_and_3(x):
+    return fail_on(x, bad=(1, 3))
+
+
+def return_lambda(_=None):
+    """The result cannot be pickled."""
+    return lambda: 1
+
+
+def return_unpicklable_if_2(x):
+    if x == 2:
+        return lambda: 1
+    return x
+
+
+def raise_unpicklable_exception(_=None):
+    """The exception itself cannot be pickled (its __dict__ holds a lambda)."""
+    exc = ValueError("unpicklable exception")
+    exc.fn = lambda: 1
+    raise exc
+
+
+# --------------------------------------------------------------- worker state
+def get_state(_=None):
+    return STATE
+
+
+def set_init_value(value):
+    global _INIT_VALUE
+    _INIT_VALUE = value
+
+
+def get_init_value(_=None):
+    return _INIT_VALUE
+
+
+def get_init_value_and_pid(_=None):
+    return (_INIT_VALUE, os.getpid())
+
+
+def init_record_pid(proxy_list, value=None):
+    """Initializer: append our pid to a Manager list proxy, remember value."""
+    global _INIT_VALUE
+    proxy_list.append(os.getpid())
+    _INIT_VALUE = value
+
+
+def append_to_proxy(proxy, value):
+    proxy.append(value)
+    return len(proxy)
+
+
+def get_authkey(_=None):
+    return bytes(multiprocessing.current_process().authkey)
+
+
+def import_and_get_value(modname):
+    return importlib.import_module(modname).VALUE
+
+
+def get_sys_path(_=None):
+    return list(sys.path)
+
+
+def _explode_on_unpickle():
+    raise ValueError("cannot rebuild this result in the parent")
+
+
+class FailsToUnpickle:
+    """Pickles fine in the worker; unpickling it (in the parent) raises."""
+
+    def __reduce__(self):
+        return (_explode_on_unpickle, ())
+
+
+def return_fails_to_unpickle(_=None):
+    return FailsToUnpickle()
+
+
+class NeedsTwoArgsError(Exception):
+    """Pickles fine, but unpickling calls cls(*args) with one arg -> TypeError."""
+
+    def __init__(self, a, b):
+        super().__init__(a)
+        self.b = b
+
+
+def raise_needs_two_args_error(_=None):
+    raise NeedsTwoArgsError("first", "second")
+
+
+def getenv(name):
+    return os.environ.get(name)
+
+
+def getcwd(_=None):
+    return os.getcwd()
+
+
+def process_name(_=None):
+    return multiprocessing.current_process().name
