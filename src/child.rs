@@ -22,7 +22,12 @@ pub fn send(fd: RawFd, kind: u8, id: u64, aux: u64, payload: &[u8]) -> std::io::
 pub fn report_init_failure(py: Python<'_>, result_fd: RawFd, err: PyErr) {
     let text = py
         .import("traceback")
-        .and_then(|tb| tb.call_method1("format_exception", (err.value(py),)))
+        .and_then(|tb| {
+            tb.call_method1(
+                "format_exception",
+                (err.get_type(py), err.value(py), err.traceback(py)),
+            )
+        })
         .and_then(|lines| lines.extract::<Vec<String>>())
         .map(|lines| lines.concat())
         .unwrap_or_else(|_| err.to_string());

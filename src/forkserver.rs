@@ -10,7 +10,7 @@
 //! server → pool `SPAWNED(id = number, aux = pid)` and `EXITED(id = pid, aux = wait status)`.
 
 use crate::frame::{self, Header, HEADER_LEN};
-use crate::launch::{self, worker_pipes, EXEC_RESULT_FD, EXEC_TASK_FD};
+use crate::launch::{self, worker_pipes, WorkerPipes, EXEC_RESULT_FD, EXEC_TASK_FD};
 use crate::pool::{Launch, Launched};
 use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::collections::HashMap;
@@ -150,14 +150,13 @@ impl ForkServerLauncher {
     }
 }
 
-impl Launch for ForkServerLauncher {
-    fn launch(&self, number: u64) -> io::Result<Launched> {
-        let pipes = worker_pipes()?;
-        let mut guard = self.server.lock().unwrap();
-        if guard.is_none() {
-            *guard = Some(self.start_server()?);
-        }
-        let server = guard.as_mut().unwrap();
+impl ForkServerLauncher {
+    fn spawn_worker(
+        &self,
+        server: &mut Server,
+        number: u64,
+        pipes: &WorkerPipes,
+    ) -> io::Result<i32> {
         let request = Header {
             kind: SPAWN,
             len: 0,
@@ -180,13 +179,58 @@ impl Launch for ForkServerLauncher {
             }
             server.read_one(Duration::from_millis(100))?;
         }
-        let pid = server.spawned.remove(&number).unwrap();
-        Ok(Launched {
-            pid,
-            task_fd: pipes.task_w,
-            result_fd: pipes.result_r,
-            preamble: Vec::new(),
-        })
+        Ok(server.spawned.remove(&number).unwrap())
+    }
+}
+
+/// Say how the fork server ended, if it did.
+fn server_exit(pid: i32) -> Option<String> {
+    let mut status = 0;
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return Some(crate::pool::describe_exit(status));
+        }
+        if r < 0 || Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl Launch for ForkServerLauncher {
+    fn launch(&self, number: u64) -> io::Result<Launched> {
+        let pipes = worker_pipes()?;
+        let mut guard = self.server.lock().unwrap();
+        let mut last_error = None;
+        // A server that died is replaced once; a second death in a row is reported.
+        for _ in 0..2 {
+            if guard.is_none() {
+                *guard = Some(self.start_server()?);
+            }
+            let server = guard.as_mut().unwrap();
+            match self.spawn_worker(server, number, &pipes) {
+                Ok(pid) => {
+                    return Ok(Launched {
+                        pid,
+                        task_fd: pipes.task_w,
+                        result_fd: pipes.result_r,
+                        preamble: Vec::new(),
+                    })
+                }
+                Err(e) => {
+                    let dead = guard.take().unwrap();
+                    let how = server_exit(dead.pid).unwrap_or_else(|| "stopped answering".into());
+                    log::warn!(target: "rpool", "the fork server (pid {}) {how}: {e}", dead.pid);
+                    last_error = Some(io::Error::new(
+                        e.kind(),
+                        format!("the fork server (pid {}) {how}: {e}", dead.pid),
+                    ));
+                }
+            }
+        }
+        Err(last_error.unwrap())
     }
 
     fn reap(&self, pid: i32) -> i32 {

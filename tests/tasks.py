@@ -219,3 +219,7 @@ def getcwd(_=None):
 
 def process_name(_=None):
     return multiprocessing.current_process().name
+
+
+def failing_initializer():
+    raise RuntimeError("the initializer cannot reach its database")

@@ -51,3 +51,74 @@ def test_pool_outlives_the_thread_that_made_it(make_pool):
     results = pool.map_async(tasks.sleep_return, [(0.05, i) for i in range(8)], chunksize=1)
     assert results.get(timeout=30) == list(range(8))
     assert pool.apply(tasks.square, (9,)) == 81
+
+
+def test_initializer_that_always_fails_fails_tasks_instead_of_hanging(make_rpool):
+    # rpool only: the stdlib respawns such workers forever and the task never ends.
+    import rpool
+
+    pool = make_rpool(2, initializer=tasks.failing_initializer)
+    result = pool.apply_async(tasks.square, (3,))
+    try:
+        result.get(timeout=30)
+    except rpool.WorkerLostError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("a task ran although every worker failed in its initializer")
+    assert "initializer" in message
+    assert "RuntimeError: the initializer cannot reach its database" in message
+    # Later submissions fail the same way at once rather than queueing forever.
+    with_later = pool.apply_async(tasks.square, (4,))
+    try:
+        with_later.get(timeout=5)
+    except rpool.WorkerLostError:
+        pass
+    else:
+        raise AssertionError("a later task ran on a pool whose initializer always fails")
+
+
+def test_workers_die_with_a_killed_parent(tmp_path, script_env):
+    # rpool only: every stdlib pool leaves its busy workers running when the parent is SIGKILLed.
+    import os
+    import signal
+    import time
+
+    for method in ("fork", "spawn", "forkserver"):
+        script = tmp_path / f"parent_{method}.py"
+        script.write_text(
+            textwrap.dedent(
+                f"""\
+                import rpool, tasks
+                if __name__ == "__main__":
+                    pool = rpool.get_context({method!r}).Pool(2)
+                    pids = set(pool.map(tasks.sleep_getpid, [0.2] * 4, chunksize=1))
+                    print(" ".join(map(str, pids)), flush=True)
+                    pool.map(tasks.sleep_and_return, [30] * 2, chunksize=1)
+                """
+            )
+        )
+        parent = subprocess.Popen(
+            [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=script_env, cwd=str(tmp_path)
+        )
+        try:
+            workers = [int(p) for p in parent.stdout.readline().split()]
+            assert workers, f"{method}: the script reported no worker pids"
+            os.kill(parent.pid, signal.SIGKILL)
+            parent.wait(timeout=10)
+            deadline = time.monotonic() + 3
+            alive = workers
+            while alive and time.monotonic() < deadline:
+                time.sleep(0.05)
+                alive = [pid for pid in alive if _exists(pid)]
+            assert not alive, f"{method}: workers {alive} outlived their SIGKILLed parent"
+        finally:
+            parent.kill()
+            parent.wait()
+
+
+def _exists(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
