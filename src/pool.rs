@@ -346,7 +346,7 @@ impl Core {
                 w.outbox.clear();
                 // SIGKILL at once: the worker's state is being thrown away, and a worker stuck in C
                 // code or ignoring SIGTERM must not make terminate() wait.
-                unsafe { libc::kill(w.pid, libc::SIGKILL) };
+                kill_worker(w);
             }
             self.check_finished(&mut s);
         }
@@ -607,7 +607,7 @@ impl Core {
             self.flush(&mut w);
         }
         if s.lifecycle == Lifecycle::Terminated {
-            unsafe { libc::kill(w.pid, libc::SIGKILL) };
+            kill_worker(&w);
         }
         let started = format!("started worker {} (pid {})", w.number, w.pid);
         s.workers.push(w);
@@ -882,6 +882,20 @@ fn prefetch_depth(avg_task_ns: f64) -> usize {
     } else {
         ((WINDOW_NS / avg_task_ns.max(1.0)) as usize).clamp(2, 64)
     }
+}
+
+/// SIGKILL through the worker's pidfd: a fork server may already have reaped it, and a plain
+/// pid could by then name some other process.
+fn kill_worker(w: &Worker) {
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            w.pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<u8>(),
+            0,
+        )
+    };
 }
 
 fn token(number: u64, which: u64) -> u64 {
