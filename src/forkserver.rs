@@ -140,7 +140,14 @@ impl ForkServerLauncher {
         for part in &self.preamble {
             frame::encode_into(&mut config, frame::kind::CONFIG, 0, 0, part);
         }
-        frame::write_all(config_w.as_raw_fd(), &[&config])?;
+        if let Err(e) = frame::write_all(config_w.as_raw_fd(), &[&config]) {
+            let how = server_exit(child.id() as i32)
+                .unwrap_or_else(|| "did not read its start-up data".into());
+            return Err(io::Error::new(
+                e.kind(),
+                format!("the fork server {how}: {e}"),
+            ));
+        }
         Ok(Server {
             pid: child.id() as i32,
             sock: ours,
@@ -206,11 +213,13 @@ impl Launch for ForkServerLauncher {
         let mut last_error = None;
         // A server that died is replaced once; a second death in a row is reported.
         for _ in 0..2 {
-            if guard.is_none() {
-                *guard = Some(self.start_server()?);
-            }
-            let server = guard.as_mut().unwrap();
-            match self.spawn_worker(server, number, &pipes) {
+            let attempt = match guard.as_mut() {
+                Some(server) => self.spawn_worker(server, number, &pipes),
+                None => self
+                    .start_server()
+                    .and_then(|server| self.spawn_worker(guard.insert(server), number, &pipes)),
+            };
+            match attempt {
                 Ok(pid) => {
                     return Ok(Launched {
                         pid,
@@ -220,7 +229,10 @@ impl Launch for ForkServerLauncher {
                     })
                 }
                 Err(e) => {
-                    let dead = guard.take().unwrap();
+                    let Some(dead) = guard.take() else {
+                        last_error = Some(e);
+                        continue;
+                    };
                     let how = server_exit(dead.pid).unwrap_or_else(|| "stopped answering".into());
                     log::warn!(target: "rpool", "the fork server (pid {}) {how}: {e}", dead.pid);
                     last_error = Some(io::Error::new(

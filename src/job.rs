@@ -118,27 +118,35 @@ impl Job {
 
     /// Block up to `timeout` until `pred` holds; returns whether it does.
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&JobView) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut p = self.lock();
-        loop {
-            if pred(&JobView(&p)) {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            p = self
-                .changed
-                .wait_timeout(p, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        wait_until(self.lock(), &self.changed, timeout, |p| pred(&JobView(p))).1
     }
 
     /// Pop the next part in finishing order, if one finished and was not yet popped.
     pub fn pop_finished(&self) -> Option<usize> {
         self.lock().finish_order.pop_front()
+    }
+}
+
+/// Wait on `changed` until `pred` holds or `timeout` passes; returns the guard and whether it holds.
+pub fn wait_until<'a, T>(
+    mut guard: MutexGuard<'a, T>,
+    changed: &Condvar,
+    timeout: Duration,
+    pred: impl Fn(&T) -> bool,
+) -> (MutexGuard<'a, T>, bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if pred(&guard) {
+            return (guard, true);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return (guard, false);
+        }
+        guard = changed
+            .wait_timeout(guard, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
     }
 }
 

@@ -16,7 +16,7 @@
 //! others go back to the front of the queue.
 
 use crate::frame::{self, kind, FrameReader, HEADER_LEN};
-use crate::job::{Job, Outcome};
+use crate::job::{wait_until, Job, Outcome};
 use crossbeam::channel::{unbounded, Receiver, Sender};
 use std::collections::VecDeque;
 use std::io;
@@ -24,7 +24,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A started worker process, as the launcher hands it over.
 pub struct Launched {
@@ -355,22 +355,7 @@ impl Core {
 
     /// True once every worker has exited and been reaped after close() or terminate().
     pub fn wait_finished(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut s = self.lock();
-        loop {
-            if self.is_finished(&s) {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            s = self
-                .changed
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        wait_until(self.lock(), &self.changed, timeout, |s| self.is_finished(s)).1
     }
 
     /// Join the core's threads (after `wait_finished`) and close the callbacks channel.
@@ -957,6 +942,7 @@ pub fn describe_exit(status: i32) -> String {
 mod tests {
     use super::*;
     use crate::launch::worker_pipes;
+    use std::time::Instant;
 
     /// A worker without Python: `echo:X` answers X, `sleep:MS` sleeps then answers, `die` exits 7.
     struct FakeLauncher;
@@ -1019,6 +1005,19 @@ mod tests {
         job
     }
 
+    /// Run `n` echo tasks as one job and check each part got its own answer.
+    fn echo_each(core: &Arc<Core>, n: usize) {
+        let payloads: Vec<String> = (0..n).map(|i| format!("echo:{i}")).collect();
+        let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        let job = run(core, &refs);
+        for i in 0..n {
+            assert_eq!(
+                job.take(i),
+                Some(Outcome::Value(i.to_string().into_bytes()))
+            );
+        }
+    }
+
     fn shut_down(core: &Arc<Core>) {
         core.close();
         assert!(
@@ -1031,15 +1030,7 @@ mod tests {
     #[test]
     fn every_part_gets_its_own_answer() {
         let core = pool(2, None);
-        let payloads: Vec<String> = (0..200).map(|i| format!("echo:{i}")).collect();
-        let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
-        let job = run(&core, &refs);
-        for i in 0..200 {
-            assert_eq!(
-                job.take(i),
-                Some(Outcome::Value(i.to_string().into_bytes()))
-            );
-        }
+        echo_each(&core, 200);
         shut_down(&core);
     }
 
@@ -1062,15 +1053,7 @@ mod tests {
     #[test]
     fn max_tasks_per_child_replaces_workers_without_losing_tasks() {
         let core = pool(2, Some(1));
-        let payloads: Vec<String> = (0..20).map(|i| format!("echo:{i}")).collect();
-        let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
-        let job = run(&core, &refs);
-        for i in 0..20 {
-            assert_eq!(
-                job.take(i),
-                Some(Outcome::Value(i.to_string().into_bytes()))
-            );
-        }
+        echo_each(&core, 20);
         shut_down(&core);
     }
 
