@@ -160,14 +160,9 @@ impl Launch for ForkLauncher {
                     libc::close(pipes.task_w.as_raw_fd());
                     libc::close(pipes.result_r.as_raw_fd());
                 }
-                let code = run_child(
-                    py,
-                    number,
-                    task_r,
-                    result_w,
-                    &mut FrameReader::new(),
-                    |py| bootstrap.call1(py, (number,)).map(|r| r.into_bound(py)),
-                );
+                let code = run_child(py, task_r, result_w, &mut FrameReader::new(), |py| {
+                    bootstrap.call1(py, (number,)).map(|r| r.into_bound(py))
+                });
                 unsafe { libc::_exit(code) }
             }
             unsafe { ffi::PyOS_AfterFork_Parent() };
@@ -192,7 +187,6 @@ impl Launch for ForkLauncher {
 /// Run a worker: bootstrap (initializer included), serve tasks, then the stdlib's exit steps.
 fn run_child<'py>(
     py: Python<'py>,
-    _number: u64,
     task_fd: RawFd,
     result_fd: RawFd,
     reader: &mut FrameReader,
@@ -242,7 +236,6 @@ pub fn worker_main(py: Python<'_>) -> PyResult<i32> {
     let setup = &config[1];
     Ok(run_child(
         py,
-        number,
         EXEC_TASK_FD,
         EXEC_RESULT_FD,
         &mut reader,
@@ -309,14 +302,9 @@ pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
                 libc::close(sigfd.as_raw_fd());
             }
             let (task_fd, result_fd) = (pipe_ends[0].as_raw_fd(), pipe_ends[1].as_raw_fd());
-            let code = run_child(
-                py,
-                number,
-                task_fd,
-                result_fd,
-                &mut FrameReader::new(),
-                |_py| worker.call_method1("bootstrap_forked", (&setup, number)),
-            );
+            let code = run_child(py, task_fd, result_fd, &mut FrameReader::new(), |_py| {
+                worker.call_method1("bootstrap_forked", (&setup, number))
+            });
             unsafe { libc::_exit(code) }
         }
         unsafe { ffi::PyOS_AfterFork_Parent() };
@@ -362,14 +350,6 @@ fn spawn_callbacks_thread(
 pub struct PoolCore {
     core: Arc<Core>,
     callbacks: Mutex<Option<JoinHandle<()>>>,
-}
-
-fn bytes_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
-    if let Ok(b) = obj.downcast::<PyBytes>() {
-        return Ok(b.as_bytes().to_vec());
-    }
-    let buf = PyBuffer::<u8>::get(obj)?;
-    buf.to_vec(obj.py())
 }
 
 impl PoolCore {
@@ -449,8 +429,12 @@ impl PoolCore {
 
     /// Queue part `part` of `job`: `payload` is the pickled `(func, args, kwds)`.
     fn submit(&self, job: &PyJob, part: usize, payload: &Bound<'_, PyAny>) -> PyResult<()> {
-        let bytes = bytes_of(payload)?;
-        Ok(self.core.submit(&job.inner, part, &bytes)?)
+        // bytes (what rpool's pickling returns) are read in place: the frame is the only copy.
+        if let Ok(bytes) = payload.downcast::<PyBytes>() {
+            return Ok(self.core.submit(&job.inner, part, bytes.as_bytes())?);
+        }
+        let copied = PyBuffer::<u8>::get(payload)?.to_vec(payload.py())?;
+        Ok(self.core.submit(&job.inner, part, &copied)?)
     }
 
     /// Fail part `part` in the parent (its input could not be pickled); `exc` is the pickled error.

@@ -115,7 +115,7 @@ impl Launch for ExecLauncher {
     }
 }
 
-/// Keep CString import used for argv validation.
+/// Refuse a worker command line that exec could not take.
 pub fn check_argv(argv: &[String]) -> io::Result<()> {
     if argv.is_empty() {
         return Err(io::Error::new(

@@ -69,6 +69,7 @@ enum WorkerState {
     Leaving,
 }
 
+/// A task, queued or held by a worker.
 struct InFlight {
     id: u64,
     job: Arc<Job>,
@@ -76,10 +77,6 @@ struct InFlight {
     /// Header and payload, ready to write; kept until the result arrives so that a task a dead
     /// worker never started can be sent to another.
     frame: Arc<Vec<u8>>,
-}
-
-struct Task {
-    flight: InFlight,
 }
 
 struct Worker {
@@ -102,7 +99,7 @@ struct Worker {
 
 struct Sched {
     lifecycle: Lifecycle,
-    queue: VecDeque<Task>,
+    queue: VecDeque<InFlight>,
     workers: Vec<Worker>,
     /// Jobs that may still get parts (an `imap` still reading its input).
     open_jobs: usize,
@@ -113,6 +110,8 @@ struct Sched {
     /// Workers that exited in their initializer since a worker last started cleanly.
     init_failures: u32,
     broken: Option<String>,
+    /// Why the last launch failed, if it did (only this makes `Core::start` fail).
+    launch_error: Option<String>,
 }
 
 enum SuperviseMsg {
@@ -181,6 +180,7 @@ impl Core {
                 avg_task_ns: 1_000_000.0,
                 init_failures: 0,
                 broken: None,
+                launch_error: None,
             }),
             changed: Condvar::new(),
             epoll,
@@ -215,7 +215,7 @@ impl Core {
         for _ in 0..processes {
             if on_main_thread {
                 if let Err(e) = core.launch_one(&*core.launcher) {
-                    core.break_pool(format!("could not start a worker process: {e}"));
+                    core.launch_failed(format!("could not start a worker process: {e}"));
                 }
             } else {
                 let _ = core.supervise_tx.send(SuperviseMsg::Launch);
@@ -225,7 +225,7 @@ impl Core {
         while s.launching > 0 {
             s = core.changed.wait(s).unwrap_or_else(|e| e.into_inner());
         }
-        let failure = s.broken.clone();
+        let failure = s.launch_error.clone();
         drop(s);
         if let Some(reason) = failure {
             core.terminate();
@@ -289,7 +289,7 @@ impl Core {
             self.finish(vec![(flight, Outcome::WorkerLost(reason))]);
             return Ok(());
         }
-        s.queue.push_back(Task { flight });
+        s.queue.push_back(flight);
         self.pump(&mut s);
         Ok(())
     }
@@ -335,7 +335,7 @@ impl Core {
             failed.extend(
                 s.queue
                     .drain(..)
-                    .map(|t| (t.flight, Outcome::Terminated(why.into()))),
+                    .map(|f| (f, Outcome::Terminated(why.into()))),
             );
             for w in &mut s.workers {
                 failed.extend(
@@ -412,8 +412,8 @@ impl Core {
             let Some(i) = pick else { break };
             let task = s.queue.pop_front().unwrap();
             let w = &mut s.workers[i];
-            w.outbox.push_back(task.flight.frame.clone());
-            w.inflight.push_back(task.flight);
+            w.outbox.push_back(task.frame.clone());
+            w.inflight.push_back(task);
             w.sent += 1;
             if max_tasks.is_some_and(|m| w.sent >= m) {
                 w.state = WorkerState::Leaving;
@@ -608,7 +608,7 @@ impl Core {
                 SuperviseMsg::Launch => {
                     if let Err(e) = self.launch_one(launcher) {
                         log::error!(target: "rpool", "could not start a worker process: {e}");
-                        self.break_pool(format!("could not start a worker process: {e}"));
+                        self.launch_failed(format!("could not start a worker process: {e}"));
                     }
                 }
                 SuperviseMsg::Stop => break,
@@ -617,25 +617,17 @@ impl Core {
         launcher.release();
     }
 
-    /// Fail everything queued and everything submitted later with `reason`.
-    fn break_pool(&self, reason: String) {
+    /// A worker could not be started: fail everything queued and everything submitted later.
+    fn launch_failed(&self, reason: String) {
         let failed: Vec<_> = {
             let mut s = self.lock();
             s.broken = Some(reason.clone());
-            let mut failed: Vec<_> = s
+            s.launch_error = Some(reason.clone());
+            let failed = s
                 .queue
                 .drain(..)
-                .map(|t| (t.flight, Outcome::WorkerLost(reason.clone())))
+                .map(|f| (f, Outcome::WorkerLost(reason.clone())))
                 .collect();
-            for w in &mut s.workers {
-                if w.state == WorkerState::Starting {
-                    failed.extend(
-                        w.inflight
-                            .drain(..)
-                            .map(|f| (f, Outcome::WorkerLost(reason.clone()))),
-                    );
-                }
-            }
             self.check_finished(&mut s);
             failed
         };
@@ -805,7 +797,7 @@ impl Core {
                 done.extend(
                     s.queue
                         .drain(..)
-                        .map(|t| (t.flight, Outcome::WorkerLost(reason.clone()))),
+                        .map(|f| (f, Outcome::WorkerLost(reason.clone()))),
                 );
             }
         } else if !expected && s.lifecycle != Lifecycle::Terminated {
@@ -840,7 +832,7 @@ impl Core {
                     Outcome::Terminated("the pool was terminated before this task finished".into()),
                 ));
             } else {
-                s.queue.push_front(Task { flight });
+                s.queue.push_front(flight);
             }
         }
         if replace {

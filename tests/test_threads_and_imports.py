@@ -57,7 +57,12 @@ def test_initializer_that_always_fails_fails_tasks_instead_of_hanging(make_rpool
     # rpool only: the stdlib respawns such workers forever and the task never ends.
     import rpool
 
+    import time
+
     pool = make_rpool(2, initializer=tasks.failing_initializer)
+    # Let every worker fail before the first submission too: the pool must still be made (as
+    # the stdlib's is) and then fail the task, whichever comes first.
+    time.sleep(0.5)
     result = pool.apply_async(tasks.square, (3,))
     try:
         result.get(timeout=30)

@@ -23,7 +23,7 @@ from multiprocessing.pool import MaybeEncodingError
 
 from . import _rpool
 from ._worker import dumps as _dumps
-from ._worker import mapstar, starmapstar
+from ._worker import bootstrap_forked, mapstar, starmapstar
 
 __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator", "WorkerLostError", "PoolTerminatedError"]
 
@@ -132,9 +132,8 @@ class ApplyResult:
             self._callback = self._error_callback = None
             self._job.mark_ready()
 
-    # asyncio and concurrent.futures come in a later step; keep the stdlib's name too.
 
-
+# The stdlib's name for the same class.
 AsyncResult = ApplyResult
 
 
@@ -176,9 +175,6 @@ class IMapIterator:
 
     def __iter__(self):
         return self
-
-    def __aiter__(self):  # pragma: no cover - filled in by the asyncio step
-        raise TypeError("async iteration over imap comes with rpool's asyncio support")
 
     def next(self, timeout=None):
         with self._lock:
@@ -273,7 +269,7 @@ class Pool:
         }
         deliver = functools.partial(_deliver, self._cache)
         if method == "fork":
-            bootstrap = functools.partial(_bootstrap_forked, setup)
+            bootstrap = functools.partial(bootstrap_forked, setup)
             self._core = _rpool.PoolCore(processes, method, maxtasksperchild, deliver, fork_bootstrap=bootstrap)
         else:
             prep = _spawn.get_preparation_data(f"{_NAME_PREFIX[method]}PoolWorker")
@@ -438,12 +434,6 @@ def _feed(core, job, result, func, iterable, chunksize):
         result._input_error = exc
     finally:
         core.seal(job, part)
-
-
-def _bootstrap_forked(setup, number):
-    from ._worker import bootstrap_forked
-
-    return bootstrap_forked(setup, number)
 
 
 def _exec_command(entry):
