@@ -139,7 +139,6 @@ struct ForkLauncher {
 impl Launch for ForkLauncher {
     fn launch(&self, number: u64) -> io::Result<Launched> {
         let pipes = worker_pipes()?;
-        let parent = std::process::id() as libc::pid_t;
         let pid = Python::attach(|py| {
             let bootstrap = self
                 .bootstrap
@@ -150,26 +149,17 @@ impl Launch for ForkLauncher {
             let Some(bootstrap) = bootstrap else {
                 return Err(io::Error::other("pool is shutting down"));
             };
-            unsafe { ffi::PyOS_BeforeFork() };
-            let pid = unsafe { libc::fork() };
-            if pid == 0 {
-                unsafe { ffi::PyOS_AfterFork_Child() };
-                die_with_parent(parent);
-                let (task_r, result_w) = (pipes.task_r.as_raw_fd(), pipes.result_w.as_raw_fd());
-                unsafe {
-                    libc::close(pipes.task_w.as_raw_fd());
-                    libc::close(pipes.result_r.as_raw_fd());
-                }
-                let code = run_child(py, task_r, result_w, &mut FrameReader::new(), |py| {
-                    bootstrap.call1(py, (number,)).map(|r| r.into_bound(py))
-                });
-                unsafe { libc::_exit(code) }
-            }
-            unsafe { ffi::PyOS_AfterFork_Parent() };
-            if pid < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(pid)
+            let parent_ends = [pipes.task_w.as_raw_fd(), pipes.result_r.as_raw_fd()];
+            fork_worker(
+                py,
+                (pipes.task_r.as_raw_fd(), pipes.result_w.as_raw_fd()),
+                || {
+                    parent_ends.iter().for_each(|&fd| unsafe {
+                        libc::close(fd);
+                    })
+                },
+                |py| bootstrap.call1(py, (number,)).map(|r| r.into_bound(py)),
+            )
         })?;
         Ok(Launched {
             pid,
@@ -182,6 +172,59 @@ impl Launch for ForkLauncher {
     fn release(&self) {
         Python::attach(|_py| drop(self.bootstrap.lock().unwrap().take()));
     }
+}
+
+/// Fork a worker from this interpreter (`launch.rs` says why that is safe) and return its pid.
+/// The child runs `in_child` (closing what it must not keep), dies with the forking thread,
+/// serves tasks on `(task_fd, result_fd)` and exits; it never returns here.
+fn fork_worker<'py>(
+    py: Python<'py>,
+    (task_fd, result_fd): (RawFd, RawFd),
+    in_child: impl FnOnce(),
+    bootstrap: impl FnOnce(Python<'py>) -> PyResult<Bound<'py, PyAny>>,
+) -> io::Result<i32> {
+    let parent = std::process::id() as libc::pid_t;
+    unsafe { ffi::PyOS_BeforeFork() };
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe { ffi::PyOS_AfterFork_Child() };
+        die_with_parent(parent);
+        in_child();
+        let code = run_child(py, task_fd, result_fd, &mut FrameReader::new(), bootstrap);
+        unsafe { libc::_exit(code) }
+    }
+    unsafe { ffi::PyOS_AfterFork_Parent() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pid)
+}
+
+/// Read the two start-up frames (spawn preparation data, worker setup) an exec'd process gets
+/// before anything else. Returns the worker number they carry, or `None` at EOF.
+fn read_config<'py>(
+    py: Python<'py>,
+    reader: &mut FrameReader,
+    fd: RawFd,
+) -> PyResult<Option<(u64, [Bound<'py, PyBytes>; 2])>> {
+    let pipe = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut number = 0;
+    let mut parts = Vec::with_capacity(2);
+    while parts.len() < 2 {
+        if !py.detach(|| reader.wait_frame(pipe))? {
+            return Ok(None);
+        }
+        let (h, body) = reader.next_frame().expect("frame buffered");
+        if h.kind != kind::CONFIG {
+            return Err(PyOSError::new_err(
+                "rpool: expected start-up data before anything else",
+            ));
+        }
+        number = h.id;
+        parts.push(PyBytes::new(py, body));
+    }
+    let [prep, setup]: [Bound<'py, PyBytes>; 2] = parts.try_into().expect("two parts");
+    Ok(Some((number, [prep, setup])))
 }
 
 /// Run a worker: bootstrap (initializer included), serve tasks, then the stdlib's exit steps.
@@ -215,31 +258,17 @@ fn run_child<'py>(
 #[pyfunction]
 pub fn worker_main(py: Python<'_>) -> PyResult<i32> {
     let mut reader = FrameReader::new();
-    let task_pipe = unsafe { std::os::fd::BorrowedFd::borrow_raw(EXEC_TASK_FD) };
-    let mut config = Vec::new();
-    let mut number = 0;
-    while config.len() < 2 {
-        if !py.detach(|| reader.wait_frame(task_pipe))? {
-            return Ok(0);
-        }
-        let (h, body) = reader.next_frame().expect("frame buffered");
-        if h.kind != kind::CONFIG {
-            return Err(PyOSError::new_err(
-                "rpool worker: expected start-up data before tasks",
-            ));
-        }
-        number = h.id;
-        config.push(PyBytes::new(py, body));
-    }
+    let Some((number, [prep, setup])) = read_config(py, &mut reader, EXEC_TASK_FD)? else {
+        return Ok(0);
+    };
     let worker = py.import("rpool._worker")?;
-    worker.call_method1("prepare", (&config[0],))?;
-    let setup = &config[1];
+    worker.call_method1("prepare", (&prep,))?;
     Ok(run_child(
         py,
         EXEC_TASK_FD,
         EXEC_RESULT_FD,
         &mut reader,
-        |_py| worker.call_method1("bootstrap_spawned", (setup, number)),
+        |_py| worker.call_method1("bootstrap_spawned", (&setup, number)),
     ))
 }
 
@@ -248,22 +277,16 @@ pub fn worker_main(py: Python<'_>) -> PyResult<i32> {
 #[pyfunction]
 pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
     let mut reader = FrameReader::new();
-    let config_pipe = unsafe { std::os::fd::BorrowedFd::borrow_raw(forkserver::SERVER_CONFIG_FD) };
-    let mut config = Vec::new();
-    while config.len() < 2 {
-        if !py.detach(|| reader.wait_frame(config_pipe))? {
-            return Ok(1);
-        }
-        let (_, body) = reader.next_frame().expect("frame buffered");
-        config.push(PyBytes::new(py, body));
-    }
+    let Some((_, [prep, setup])) = read_config(py, &mut reader, forkserver::SERVER_CONFIG_FD)?
+    else {
+        return Ok(1);
+    };
     unsafe { libc::close(forkserver::SERVER_CONFIG_FD) };
     let worker = py.import("rpool._worker")?;
-    worker.call_method1("prepare", (&config[0],))?;
-    let setup = worker.call_method1("load_setup", (&config[1],))?;
+    worker.call_method1("prepare", (&prep,))?;
+    let setup = worker.call_method1("load_setup", (&setup,))?;
     let sigfd = forkserver::sigchld_fd()?;
     let sock = forkserver::SERVER_SOCK_FD;
-    let server_pid = std::process::id() as libc::pid_t;
     loop {
         let mut fds = [
             libc::pollfd {
@@ -291,29 +314,23 @@ pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
             continue;
         }
         let number = request.id;
-        unsafe { ffi::PyOS_BeforeFork() };
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            unsafe { ffi::PyOS_AfterFork_Child() };
+        let ends = (pipe_ends[0].as_raw_fd(), pipe_ends[1].as_raw_fd());
+        let in_child = || {
             forkserver::unblock_sigchld();
-            die_with_parent(server_pid);
             unsafe {
                 libc::close(sock);
                 libc::close(sigfd.as_raw_fd());
             }
-            let (task_fd, result_fd) = (pipe_ends[0].as_raw_fd(), pipe_ends[1].as_raw_fd());
-            let code = run_child(py, task_fd, result_fd, &mut FrameReader::new(), |_py| {
-                worker.call_method1("bootstrap_forked", (&setup, number))
-            });
-            unsafe { libc::_exit(code) }
-        }
-        unsafe { ffi::PyOS_AfterFork_Parent() };
+        };
+        let bootstrap = |_py| worker.call_method1("bootstrap_forked", (&setup, number));
+        // pid 0 tells the pool the fork failed.
+        let pid = fork_worker(py, ends, in_child, bootstrap).unwrap_or(0);
         drop(pipe_ends);
         let reply = crate::frame::Header {
             kind: forkserver::SPAWNED,
             len: 0,
             id: number,
-            aux: pid.max(0) as u64,
+            aux: pid as u64,
         };
         forkserver::send_msg(sock, reply, &[])?;
     }

@@ -141,8 +141,7 @@ impl ForkServerLauncher {
             frame::encode_into(&mut config, frame::kind::CONFIG, 0, 0, part);
         }
         if let Err(e) = frame::write_all(config_w.as_raw_fd(), &[&config]) {
-            let how = server_exit(child.id() as i32)
-                .unwrap_or_else(|| "did not read its start-up data".into());
+            let how = stop_server(child.id() as i32, Duration::from_millis(500));
             return Err(io::Error::new(
                 e.kind(),
                 format!("the fork server {how}: {e}"),
@@ -186,24 +185,28 @@ impl ForkServerLauncher {
             }
             server.read_one(Duration::from_millis(100))?;
         }
-        Ok(server.spawned.remove(&number).unwrap())
+        // The server answers pid 0 when its fork() failed.
+        match server.spawned.remove(&number).unwrap() {
+            0 => Err(io::Error::other("the fork server could not fork a worker")),
+            pid => Ok(pid),
+        }
     }
 }
 
-/// Say how the fork server ended, if it did.
-fn server_exit(pid: i32) -> Option<String> {
+/// Stop a fork server process: wait up to `grace` for it to exit (it does once its socket is
+/// closed), then SIGKILL it; reap it and say how it ended.
+fn stop_server(pid: i32, grace: Duration) -> String {
     let mut status = 0;
-    let deadline = Instant::now() + Duration::from_millis(500);
-    loop {
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            return Some(crate::pool::describe_exit(status));
+    let deadline = Instant::now() + grace;
+    while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+        if Instant::now() >= deadline {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            return "stopped answering and was killed".into();
         }
-        if r < 0 || Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     }
+    crate::pool::describe_exit(status)
 }
 
 impl Launch for ForkServerLauncher {
@@ -233,11 +236,13 @@ impl Launch for ForkServerLauncher {
                         last_error = Some(e);
                         continue;
                     };
-                    let how = server_exit(dead.pid).unwrap_or_else(|| "stopped answering".into());
-                    log::warn!(target: "rpool", "the fork server (pid {}) {how}: {e}", dead.pid);
+                    let pid = dead.pid;
+                    drop(dead.sock);
+                    let how = stop_server(pid, Duration::from_millis(500));
+                    log::warn!(target: "rpool", "the fork server (pid {pid}) {how}: {e}");
                     last_error = Some(io::Error::new(
                         e.kind(),
-                        format!("the fork server (pid {}) {how}: {e}", dead.pid),
+                        format!("the fork server (pid {pid}) {how}: {e}"),
                     ));
                 }
             }
@@ -261,18 +266,8 @@ impl Launch for ForkServerLauncher {
 
     fn release(&self) {
         if let Some(server) = self.server.lock().unwrap().take() {
-            let pid = server.pid;
             drop(server.sock); // EOF: the server exits, and its workers with it.
-            let deadline = Instant::now() + Duration::from_secs(2);
-            let mut status = 0;
-            while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
-                if Instant::now() >= deadline {
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    unsafe { libc::waitpid(pid, &mut status, 0) };
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            stop_server(server.pid, Duration::from_secs(2));
         }
     }
 }

@@ -145,6 +145,8 @@ const FD_RESULT: u64 = 0;
 const FD_TASK: u64 = 1;
 const FD_PID: u64 = 2;
 
+const TERMINATED: &str = "the pool was terminated before this task finished";
+
 /// Give up on a pool whose workers keep dying in their initializer after this many in a row.
 const MAX_INIT_FAILURES: u32 = 3;
 
@@ -331,7 +333,7 @@ impl Core {
                 return;
             }
             s.lifecycle = Lifecycle::Terminated;
-            let why = "the pool was terminated before this task finished";
+            let why = TERMINATED;
             failed.extend(
                 s.queue
                     .drain(..)
@@ -827,10 +829,7 @@ impl Core {
         // The rest were never started: run them elsewhere, ahead of newer work.
         while let Some(flight) = w.inflight.pop_back() {
             if s.lifecycle == Lifecycle::Terminated {
-                done.push((
-                    flight,
-                    Outcome::Terminated("the pool was terminated before this task finished".into()),
-                ));
+                done.push((flight, Outcome::Terminated(TERMINATED.into())));
             } else {
                 s.queue.push_front(flight);
             }
