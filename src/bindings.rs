@@ -98,6 +98,13 @@ impl PyJob {
         })
     }
 
+    /// Wait until every part has an outcome (callbacks may not have run yet).
+    #[pyo3(signature = (timeout=None))]
+    fn wait_complete(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let job = &self.inner;
+        wait_interruptibly(py, timeout, |slice| job.wait_for(slice, |v| v.complete()))
+    }
+
     /// Wait until some finished part was not yet popped, or every part was popped.
     #[pyo3(signature = (timeout=None))]
     fn wait_any(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
@@ -112,13 +119,14 @@ impl PyJob {
     }
 
     /// The outcome of part `part` as `(kind, data)`: 0 value (pickle), 1 raised (pickle),
-    /// 2 worker lost (message), 3 terminated (message). `None` if not there (or already taken).
+    /// 2 worker lost, 3 terminated, 4 timed out (messages). `None` if not there (or already taken).
     fn take(&self, py: Python<'_>, part: usize) -> Option<(u8, Py<PyAny>)> {
         self.inner.take(part).map(|outcome| match outcome {
             Outcome::Value(b) => (0, PyBytes::new(py, &b).into_any().unbind()),
             Outcome::Raised(b) => (1, PyBytes::new(py, &b).into_any().unbind()),
             Outcome::WorkerLost(m) => (2, m.into_pyobject(py).unwrap().into_any().unbind()),
             Outcome::Terminated(m) => (3, m.into_pyobject(py).unwrap().into_any().unbind()),
+            Outcome::TimedOut(m) => (4, m.into_pyobject(py).unwrap().into_any().unbind()),
         })
     }
 
@@ -131,7 +139,7 @@ impl PyJob {
     }
 }
 
-/// The fork start method: fork this interpreter (see `launch.rs` for why that is safe) and run `bootstrap(number) -> (execute, max_tasks)` in the child.
+/// The fork start method: fork this interpreter (see `launch.rs` for why that is safe) and run `bootstrap(number) -> (execute, max_tasks, max_memory)` in the child.
 struct ForkLauncher {
     bootstrap: Mutex<Option<Py<PyAny>>>,
 }
@@ -166,6 +174,7 @@ impl Launch for ForkLauncher {
             task_fd: pipes.task_w,
             result_fd: pipes.result_r,
             preamble: Vec::new(),
+            pidfd: None,
         })
     }
 
@@ -235,9 +244,15 @@ fn run_child<'py>(
     reader: &mut FrameReader,
     bootstrap: impl FnOnce(Python<'py>) -> PyResult<Bound<'py, PyAny>>,
 ) -> i32 {
-    let code = match bootstrap(py).and_then(|r| r.extract::<(Bound<'py, PyAny>, Option<u64>)>()) {
-        Ok((execute, max_tasks)) => {
-            child::serve(py, reader, task_fd, result_fd, &execute, max_tasks)
+    let booted =
+        bootstrap(py).and_then(|r| r.extract::<(Bound<'py, PyAny>, Option<u64>, Option<u64>)>());
+    let code = match booted {
+        Ok((execute, max_tasks, max_memory)) => {
+            let limits = child::Limits {
+                max_tasks,
+                max_memory,
+            };
+            child::serve(py, reader, task_fd, result_fd, &execute, limits)
         }
         Err(err) => {
             child::report_init_failure(py, result_fd, err);
@@ -323,16 +338,21 @@ pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
             }
         };
         let bootstrap = |_py| worker.call_method1("bootstrap_forked", (&setup, number));
-        // pid 0 tells the pool the fork failed.
+        // pid 0 tells the pool the fork failed. The pidfd is opened before this loop can reap the
+        // worker, so the pool can watch it even if it has already exited.
         let pid = fork_worker(py, ends, in_child, bootstrap).unwrap_or(0);
         drop(pipe_ends);
+        let pidfd = (pid > 0)
+            .then(|| crate::pool::pidfd_open(pid).ok())
+            .flatten();
         let reply = crate::frame::Header {
             kind: forkserver::SPAWNED,
             len: 0,
             id: number,
             aux: pid as u64,
         };
-        forkserver::send_msg(sock, reply, &[])?;
+        let fds: Vec<RawFd> = pidfd.iter().map(|fd| fd.as_raw_fd()).collect();
+        forkserver::send_msg(sock, reply, &fds)?;
     }
 }
 
@@ -370,23 +390,41 @@ pub struct PoolCore {
 }
 
 impl PoolCore {
-    fn join_threads(&self, py: Python<'_>) {
+    /// Join the core's threads, then wait up to `timeout` for the callbacks thread to finish the
+    /// callbacks it was given. A callback still running then is left to finish on its own.
+    fn join_threads(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
         let core = self.core.clone();
         py.detach(|| core.join_threads());
-        let handle = self.callbacks.lock().unwrap().take();
-        if let Some(h) = handle {
-            if h.thread().id() != std::thread::current().id() {
-                py.detach(|| {
-                    let _ = h.join();
-                });
-            }
+        let mut slot = self.callbacks.lock().unwrap();
+        let Some(h) = slot.as_ref() else {
+            return Ok(());
+        };
+        if h.thread().id() == std::thread::current().id() {
+            return Ok(()); // close/terminate/join called from a callback
         }
+        let finished = wait_interruptibly(py, timeout, |slice| {
+            let until = Instant::now() + slice;
+            while !h.is_finished() {
+                if Instant::now() >= until {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            true
+        })?;
+        if finished {
+            let _ = slot.take().map(JoinHandle::join);
+        } else if timeout.is_some() {
+            slot.take();
+            log::warn!(target: "rpool", "a callback is still running after terminate(); it is left to finish");
+        }
+        Ok(())
     }
 }
 
 #[pymethods]
 impl PoolCore {
-    /// `fork_bootstrap(number) -> (execute, max_tasks)` for fork; `exec_argv` and
+    /// `fork_bootstrap(number) -> (execute, max_tasks, max_memory)` for fork; `exec_argv` and
     /// `exec_preamble` (two pickles: spawn preparation data, worker setup) for spawn, where
     /// `exec_argv` starts a worker, and for forkserver, where it starts the fork server.
     #[new]
@@ -436,11 +474,29 @@ impl PoolCore {
         })
     }
 
-    /// A new result slot with `total` parts (`None`: parts are added until `seal`).
-    #[pyo3(signature = (total, has_callbacks))]
-    fn new_job(&self, total: Option<usize>, has_callbacks: bool) -> PyResult<PyJob> {
+    /// A new result slot with `total` parts (`None`: parts are added until `seal`). `label`
+    /// names the function in error messages; each part may run `timeout` seconds in a worker.
+    #[pyo3(signature = (total, has_callbacks, label=String::new(), timeout=None))]
+    fn new_job(
+        &self,
+        total: Option<usize>,
+        has_callbacks: bool,
+        label: String,
+        timeout: Option<f64>,
+    ) -> PyResult<PyJob> {
+        let limit = match timeout {
+            Some(t) if !(t > 0.0 && t < 1e9) => {
+                return Err(PyValueError::new_err(format!(
+                    "a task time limit must be a positive number of seconds, not {t}"
+                )))
+            }
+            Some(t) => Some(Duration::from_secs_f64(t)),
+            None => None,
+        };
         Ok(PyJob {
-            inner: self.core.new_job(total, has_callbacks)?,
+            inner: self
+                .core
+                .new_described_job(total, has_callbacks, label, limit)?,
         })
     }
 
@@ -468,13 +524,14 @@ impl PoolCore {
     }
 
     /// Kill the workers, fail unfinished tasks, and wait (bounded) until the workers are reaped.
-    fn terminate(&self, py: Python<'_>) {
+    fn terminate(&self, py: Python<'_>) -> PyResult<()> {
         let core = self.core.clone();
         py.detach(|| {
             core.terminate();
             core.wait_finished(Duration::from_secs(10))
         });
-        self.join_threads(py);
+        // Callbacks of terminated tasks are not called; only one already running can delay this.
+        self.join_threads(py, Some(1.0))
     }
 
     /// Wait until every worker has exited and every callback has run (after close or terminate).
@@ -487,7 +544,7 @@ impl PoolCore {
         if !wait_interruptibly(py, timeout, |slice| core.wait_finished(slice))? {
             return Ok(false);
         }
-        self.join_threads(py);
+        self.join_threads(py, None)?;
         Ok(true)
     }
 

@@ -35,7 +35,25 @@ pub fn report_init_failure(py: Python<'_>, result_fd: RawFd, err: PyErr) {
     let _ = send(result_fd, kind::INIT_FAILED, 0, 0, text.as_bytes());
 }
 
-/// Serve tasks until STOP, EOF (the parent is gone) or `max_tasks` tasks. Returns the exit code.
+/// When a worker retires by itself.
+#[derive(Default, Clone, Copy)]
+pub struct Limits {
+    /// After this many tasks (`maxtasksperchild`); the parent knows and sends no more.
+    pub max_tasks: Option<u64>,
+    /// Once its resident set grew past this many bytes, measured after each task; it says so
+    /// with a RETIRING frame, since the parent cannot know.
+    pub max_memory: Option<u64>,
+}
+
+/// This process's resident set size in bytes.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(1) as u64)
+}
+
+/// Serve tasks until STOP, EOF (the parent is gone) or a limit. Returns the exit code.
 /// `execute(payload: bytes) -> (ok: bool, data: bytes)` never raises for a task's own errors.
 pub fn serve(
     py: Python<'_>,
@@ -43,7 +61,7 @@ pub fn serve(
     task_fd: RawFd,
     result_fd: RawFd,
     execute: &Bound<'_, PyAny>,
-    max_tasks: Option<u64>,
+    limits: Limits,
 ) -> i32 {
     if send(result_fd, kind::READY, 0, 0, &[]).is_err() {
         return 0;
@@ -88,8 +106,17 @@ pub fn serve(
             return 0;
         }
         completed += 1;
-        if max_tasks.is_some_and(|m| completed >= m) {
+        if limits.max_tasks.is_some_and(|m| completed >= m) {
             return 0;
+        }
+        if let Some(limit) = limits.max_memory {
+            match resident_bytes() {
+                Some(rss) if rss > limit => {
+                    let _ = send(result_fd, kind::RETIRING, 0, rss, &[]);
+                    return 0;
+                }
+                _ => {}
+            }
         }
     }
 }

@@ -69,7 +69,8 @@ pub fn recv_msg(sock: RawFd) -> io::Result<Option<(Header, Vec<OwnedFd>)>> {
 struct Server {
     pid: i32,
     sock: OwnedFd,
-    spawned: HashMap<u64, i32>,
+    /// Worker number → its pid and the pidfd the server opened for it.
+    spawned: HashMap<u64, (i32, Option<OwnedFd>)>,
     exited: HashMap<i32, i32>,
 }
 
@@ -92,8 +93,8 @@ impl Server {
             return Ok(());
         }
         match recv_msg(self.sock.as_raw_fd())? {
-            Some((h, _)) if h.kind == SPAWNED => {
-                self.spawned.insert(h.id, h.aux as i32);
+            Some((h, mut fds)) if h.kind == SPAWNED => {
+                self.spawned.insert(h.id, (h.aux as i32, fds.pop()));
             }
             Some((h, _)) if h.kind == EXITED => {
                 self.exited.insert(h.id as i32, h.aux as i32);
@@ -162,7 +163,7 @@ impl ForkServerLauncher {
         server: &mut Server,
         number: u64,
         pipes: &WorkerPipes,
-    ) -> io::Result<i32> {
+    ) -> io::Result<(i32, Option<OwnedFd>)> {
         let request = Header {
             kind: SPAWN,
             len: 0,
@@ -187,8 +188,8 @@ impl ForkServerLauncher {
         }
         // The server answers pid 0 when its fork() failed.
         match server.spawned.remove(&number).unwrap() {
-            0 => Err(io::Error::other("the fork server could not fork a worker")),
-            pid => Ok(pid),
+            (0, _) => Err(io::Error::other("the fork server could not fork a worker")),
+            spawned => Ok(spawned),
         }
     }
 }
@@ -223,12 +224,13 @@ impl Launch for ForkServerLauncher {
                     .and_then(|server| self.spawn_worker(guard.insert(server), number, &pipes)),
             };
             match attempt {
-                Ok(pid) => {
+                Ok((pid, pidfd)) => {
                     return Ok(Launched {
                         pid,
                         task_fd: pipes.task_w,
                         result_fd: pipes.result_r,
                         preamble: Vec::new(),
+                        pidfd,
                     })
                 }
                 Err(e) => {

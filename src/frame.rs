@@ -19,6 +19,9 @@ pub mod kind {
     pub const RAISED: u8 = 12;
     /// The initializer raised; the payload is the traceback text.
     pub const INIT_FAILED: u8 = 13;
+    /// After its last result: the worker grew past its memory limit and reads no more tasks.
+    /// `aux` is its resident set size in bytes.
+    pub const RETIRING: u8 = 14;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

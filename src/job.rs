@@ -16,6 +16,8 @@ pub enum Outcome {
     WorkerLost(String),
     /// The pool was terminated before the task finished.
     Terminated(String),
+    /// The task ran past its time limit; its worker was killed. The text says which and how long.
+    TimedOut(String),
 }
 
 #[derive(Default)]
@@ -35,6 +37,10 @@ pub struct Job {
     pub id: u64,
     /// Jobs with callbacks become ready only after the callback thread ran them.
     pub has_callbacks: bool,
+    /// What the job runs (`module.function`), for error messages; may be empty.
+    pub label: String,
+    /// How long each part may run in a worker before the worker is killed.
+    pub time_limit: Option<Duration>,
     parts: Mutex<Parts>,
     changed: Condvar,
 }
@@ -48,8 +54,31 @@ impl Job {
         Job {
             id,
             has_callbacks,
+            label: String::new(),
+            time_limit: None,
             parts: Mutex::new(parts),
             changed: Condvar::new(),
+        }
+    }
+
+    /// The same job with a label for messages and a per-part time limit.
+    pub fn described(mut self, label: String, time_limit: Option<Duration>) -> Job {
+        self.label = label;
+        self.time_limit = time_limit;
+        self
+    }
+
+    /// How messages name part `part`: `f`, or `f (chunk 3 of 10)` for multi-part jobs.
+    pub fn describe_part(&self, part: usize) -> String {
+        let what = if self.label.is_empty() {
+            "the task"
+        } else {
+            &self.label
+        };
+        match self.total() {
+            Some(1) => what.to_string(),
+            Some(n) => format!("{what} (chunk {} of {n})", part + 1),
+            None => format!("{what} (chunk {})", part + 1),
         }
     }
 
@@ -101,6 +130,7 @@ impl Job {
         self.lock().ready
     }
 
+    /// Every part has an outcome (callbacks may not have run yet).
     pub fn is_complete(&self) -> bool {
         let p = self.lock();
         p.total == Some(p.finished)
@@ -163,6 +193,10 @@ impl JobView<'_> {
     /// The job is sealed and has no part `part`.
     pub fn beyond(&self, part: usize) -> bool {
         self.0.total.is_some_and(|t| part >= t)
+    }
+    /// Every part has an outcome.
+    pub fn complete(&self) -> bool {
+        self.0.total == Some(self.0.finished)
     }
     pub fn any_unpopped(&self) -> bool {
         !self.0.finish_order.is_empty()

@@ -111,6 +111,7 @@ impl Launch for ExecLauncher {
             task_fd: pipes.task_w,
             result_fd: pipes.result_r,
             preamble,
+            pidfd: None,
         })
     }
 }

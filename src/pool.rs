@@ -24,7 +24,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A started worker process, as the launcher hands it over.
 pub struct Launched {
@@ -35,6 +35,9 @@ pub struct Launched {
     pub result_fd: OwnedFd,
     /// Frames to send before any task (an exec'd worker's start-up data).
     pub preamble: Vec<u8>,
+    /// A pidfd for it, when the launcher has one: a fork server's worker may exit and be reaped
+    /// by the server before the pool could open one by pid.
+    pub pidfd: Option<OwnedFd>,
 }
 
 /// Starts worker processes. The fork launcher needs the GIL, so launching runs on its own thread.
@@ -95,6 +98,26 @@ struct Worker {
     sent: u64,
     stop_sent: bool,
     init_error: Option<String>,
+    /// When the first in-flight task started (tasks run in the order they were sent, so it is
+    /// the one running): when it was sent to an idle worker, or when the task before it ended.
+    head_since: Instant,
+    /// Killed by the pool because its task ran past its time limit.
+    timed_out: bool,
+}
+
+impl Worker {
+    /// When the running task's time limit runs out, if it has one.
+    fn head_deadline(&self) -> Option<Instant> {
+        if self.timed_out || self.state == WorkerState::Starting {
+            return None;
+        }
+        let limit = self.inflight.front()?.job.time_limit?;
+        Some(self.head_since + limit)
+    }
+
+    fn overdue(&self, now: Instant) -> bool {
+        self.head_deadline().is_some_and(|d| d <= now)
+    }
 }
 
 struct Sched {
@@ -256,15 +279,23 @@ impl Core {
         total: Option<usize>,
         has_callbacks: bool,
     ) -> Result<Arc<Job>, SubmitError> {
+        self.new_described_job(total, has_callbacks, String::new(), None)
+    }
+
+    /// `new_job` with a label for messages and a time limit for each part.
+    pub fn new_described_job(
+        &self,
+        total: Option<usize>,
+        has_callbacks: bool,
+        label: String,
+        time_limit: Option<Duration>,
+    ) -> Result<Arc<Job>, SubmitError> {
         let mut s = self.lock();
         if s.lifecycle != Lifecycle::Running {
             return Err(SubmitError::NotRunning);
         }
-        let job = Arc::new(Job::new(
-            self.next_id.fetch_add(1, Ordering::Relaxed),
-            total,
-            has_callbacks,
-        ));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let job = Arc::new(Job::new(id, total, has_callbacks).described(label, time_limit));
         if total.is_none() {
             s.open_jobs += 1;
         }
@@ -414,6 +445,9 @@ impl Core {
             let Some(i) = pick else { break };
             let task = s.queue.pop_front().unwrap();
             let w = &mut s.workers[i];
+            if w.inflight.is_empty() {
+                w.head_since = Instant::now();
+            }
             w.outbox.push_back(task.frame.clone());
             w.inflight.push_back(task);
             w.sent += 1;
@@ -541,7 +575,11 @@ impl Core {
                 return Err(e);
             }
         };
-        let pidfd = match pidfd_open(launched.pid) {
+        let opened = match launched.pidfd {
+            Some(fd) => Ok(fd),
+            None => pidfd_open(launched.pid),
+        };
+        let pidfd = match opened {
             Ok(fd) => fd,
             Err(e) => {
                 unsafe { libc::kill(launched.pid, libc::SIGKILL) };
@@ -588,6 +626,8 @@ impl Core {
             sent: 0,
             stop_sent: false,
             init_error: None,
+            head_since: Instant::now(),
+            timed_out: false,
         };
         if !launched.preamble.is_empty() {
             w.outbox.push_back(Arc::new(launched.preamble));
@@ -639,12 +679,16 @@ impl Core {
     fn io_loop(&self) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
         loop {
+            let wait_ms = self.next_deadline().map_or(1000, |d| {
+                let left = d.saturating_duration_since(Instant::now());
+                left.as_micros().div_ceil(1000).min(1000) as i32
+            });
             let n = unsafe {
                 libc::epoll_wait(
                     self.epoll.as_raw_fd(),
                     events.as_mut_ptr(),
                     events.len() as i32,
-                    1000,
+                    wait_ms,
                 )
             };
             if n < 0 {
@@ -688,6 +732,7 @@ impl Core {
                         self.worker_exited(&mut s, w, &mut done, &mut logs);
                     }
                 }
+                self.expire_overdue(&mut s, &mut done, &mut logs);
                 self.pump(&mut s);
                 self.check_finished(&mut s);
                 if self.is_finished(&s) {
@@ -712,6 +757,7 @@ impl Core {
         let mut became_ready = false;
         let w = &mut s.workers[i];
         let mut timings = Vec::new();
+        let mut unstarted = Vec::new();
         loop {
             while let Some((h, body)) = w.reader.next_frame() {
                 match h.kind {
@@ -726,6 +772,9 @@ impl Core {
                             continue;
                         };
                         let flight = w.inflight.remove(pos).unwrap();
+                        if pos == 0 {
+                            w.head_since = Instant::now();
+                        }
                         let body = body.to_vec();
                         let outcome = if h.kind == kind::VALUE {
                             Outcome::Value(body)
@@ -737,6 +786,20 @@ impl Core {
                     }
                     kind::INIT_FAILED => {
                         w.init_error = Some(String::from_utf8_lossy(body).into_owned())
+                    }
+                    kind::RETIRING => {
+                        // It reads no more tasks: what it still holds never started.
+                        w.state = WorkerState::Leaving;
+                        unstarted.extend(w.inflight.drain(..));
+                        logs.push((
+                            log::Level::Info,
+                            format!(
+                                "worker {} (pid {}) is retiring: it uses {} MiB, over max_memory_per_child",
+                                w.number,
+                                w.pid,
+                                h.aux >> 20
+                            ),
+                        ));
                     }
                     other => logs.push((
                         log::Level::Warn,
@@ -751,6 +814,9 @@ impl Core {
         }
         for ns in timings {
             s.avg_task_ns = 0.8 * s.avg_task_ns + 0.2 * ns as f64;
+        }
+        for flight in unstarted.into_iter().rev() {
+            s.queue.push_front(flight);
         }
         if became_ready {
             s.init_failures = 0;
@@ -774,27 +840,32 @@ impl Core {
         }
         let status = self.launcher.reap(w.pid);
         let how = describe_exit(status);
-        let expected = w.state == WorkerState::Leaving && w.inflight.is_empty();
+        let who = format!("worker process {} (pid {})", w.number, w.pid);
+        let terminated = s.lifecycle == Lifecycle::Terminated;
+        let expected = w.timed_out || (w.state == WorkerState::Leaving && w.inflight.is_empty());
         let work_left = !s.queue.is_empty() || s.open_jobs > 0 || w.inflight.len() > 1;
         let mut replace = match s.lifecycle {
             Lifecycle::Running => true,
             Lifecycle::Closed => work_left,
             Lifecycle::Terminated => false,
         };
-        if let Some(tb) = &w.init_error {
+        // A worker that dies before it is ready failed in the initializer (or could not start
+        // at all), unless someone SIGKILLed it: the OOM killer and `kill -9` are not its fault.
+        let sigkilled = libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL;
+        let failed_start = !terminated
+            && (w.init_error.is_some() || (w.state == WorkerState::Starting && !sigkilled));
+        if failed_start {
             s.init_failures += 1;
-            logs.push((
-                log::Level::Warn,
-                format!(
-                    "worker {} (pid {}) failed in its initializer and {how}",
-                    w.number, w.pid
+            let why = match &w.init_error {
+                Some(tb) => format!("failed in the pool's initializer; the last one {how}:\n{tb}"),
+                None => format!(
+                    "exited while starting, before running any task (in the pool's initializer?); \
+                     the last one {how}"
                 ),
-            ));
+            };
+            logs.push((log::Level::Warn, format!("{who} {how} before it was ready")));
             if s.init_failures >= MAX_INIT_FAILURES && s.broken.is_none() {
-                let reason = format!(
-                    "{} worker processes in a row failed in the pool's initializer; the last one {how}:\n{tb}",
-                    s.init_failures
-                );
+                let reason = format!("{} worker processes in a row {why}", s.init_failures);
                 s.broken = Some(reason.clone());
                 done.extend(
                     s.queue
@@ -802,33 +873,31 @@ impl Core {
                         .map(|f| (f, Outcome::WorkerLost(reason.clone()))),
                 );
             }
-        } else if !expected && s.lifecycle != Lifecycle::Terminated {
+        } else if !expected && !terminated {
             let then = if replace {
                 "; starting a replacement"
             } else {
                 ""
             };
-            logs.push((
-                log::Level::Warn,
-                format!("worker {} (pid {}) {how}{then}", w.number, w.pid),
-            ));
+            logs.push((log::Level::Warn, format!("{who} {how}{then}")));
         } else {
-            logs.push((
-                log::Level::Debug,
-                format!("worker {} (pid {}) {how}", w.number, w.pid),
-            ));
+            logs.push((log::Level::Debug, format!("{who} {how}")));
         }
         replace &= s.broken.is_none();
-        if let Some(lost) = w.inflight.pop_front() {
-            let msg = format!(
-                "worker process {} (pid {}) {how} while running this task",
-                w.number, w.pid
-            );
-            done.push((lost, Outcome::WorkerLost(msg)));
+        // A timed-out worker's running task has already failed; otherwise the first in-flight
+        // task is the one it was running.
+        if !w.timed_out {
+            if let Some(lost) = w.inflight.pop_front() {
+                let what = lost.job.describe_part(lost.part);
+                done.push((
+                    lost,
+                    Outcome::WorkerLost(format!("{who} {how} while running {what}")),
+                ));
+            }
         }
         // The rest were never started: run them elsewhere, ahead of newer work.
         while let Some(flight) = w.inflight.pop_back() {
-            if s.lifecycle == Lifecycle::Terminated {
+            if terminated {
                 done.push((flight, Outcome::Terminated(TERMINATED.into())));
             } else {
                 s.queue.push_front(flight);
@@ -837,6 +906,54 @@ impl Core {
         if replace {
             s.launching += 1;
             let _ = self.supervise_tx.send(SuperviseMsg::Launch);
+        }
+    }
+
+    /// The earliest moment a running task's time limit runs out.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.lock()
+            .workers
+            .iter()
+            .filter_map(Worker::head_deadline)
+            .min()
+    }
+
+    /// Kill each worker whose running task is past its time limit; that task fails with
+    /// `TimedOut`, the tasks queued behind it go back to the queue when the worker is reaped.
+    fn expire_overdue(
+        &self,
+        s: &mut Sched,
+        done: &mut Vec<(InFlight, Outcome)>,
+        logs: &mut Vec<LogLine>,
+    ) {
+        let now = Instant::now();
+        for i in 0..s.workers.len() {
+            if !s.workers[i].overdue(now) {
+                continue;
+            }
+            // Its result may be sitting in the pipe: a task that finished in time is not failed.
+            self.read_results(s, i, done, logs);
+            let w = &mut s.workers[i];
+            if !w.overdue(now) {
+                continue;
+            }
+            let task = w
+                .inflight
+                .pop_front()
+                .expect("a deadline means a running task");
+            let limit = task.job.time_limit.unwrap_or_default().as_secs_f64();
+            let msg = format!(
+                "{} ran longer than its time limit of {limit} s; worker process {} (pid {}) was \
+                 killed and replaced",
+                task.job.describe_part(task.part),
+                w.number,
+                w.pid
+            );
+            kill_worker(w);
+            w.timed_out = true;
+            w.state = WorkerState::Leaving;
+            logs.push((log::Level::Warn, msg.clone()));
+            done.push((task, Outcome::TimedOut(msg)));
         }
     }
 }
@@ -896,7 +1013,7 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(|_| ())
 }
 
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -972,6 +1089,7 @@ mod tests {
                 task_fd: pipes.task_w,
                 result_fd: pipes.result_r,
                 preamble: Vec::new(),
+                pidfd: None,
             })
         }
     }
@@ -1093,6 +1211,29 @@ mod tests {
         assert!(job.is_ready());
         assert!(core.worker_pids().is_empty());
         core.join_threads();
+    }
+
+    #[test]
+    fn a_task_over_its_time_limit_fails_and_the_tasks_behind_it_run() {
+        let core = pool(1, None);
+        let limit = Some(Duration::from_millis(200));
+        let job = core
+            .new_described_job(Some(3), false, "mod.slow".into(), limit)
+            .unwrap();
+        for (i, p) in ["sleep:10000", "echo:a", "echo:b"].iter().enumerate() {
+            core.submit(&job, i, p.as_bytes()).unwrap();
+        }
+        assert!(job.wait_for(Duration::from_secs(10), |v| v.ready()));
+        match job.take(0) {
+            Some(Outcome::TimedOut(msg)) => assert!(
+                msg.starts_with("mod.slow (chunk 1 of 3) ran longer than its time limit of 0.2 s"),
+                "{msg}"
+            ),
+            other => panic!("expected TimedOut, got {other:?}"),
+        }
+        assert_eq!(job.take(1), Some(Outcome::Value(b"a".to_vec())));
+        assert_eq!(job.take(2), Some(Outcome::Value(b"b".to_vec())));
+        shut_down(&core);
     }
 
     #[test]
