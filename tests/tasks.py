@@ -223,3 +223,61 @@ def process_name(_=None):
 
 def failing_initializer():
     raise RuntimeError("the initializer cannot reach its database")
+
+
+# --------------------------------------------------------------- faults (issue #3)
+def kill_self(signum):
+    """Die by a signal mid-task, as the OOM killer (SIGKILL) or a C extension (SIGSEGV) would."""
+    import faulthandler
+
+    faulthandler.disable()  # a forked worker inherits pytest's, which would print a stack dump
+    os.kill(os.getpid(), signum)
+    time.sleep(10)
+
+
+def exit_now(code):
+    os._exit(code)
+
+
+def exit_on(x, bad=5):
+    """A map task whose worker dies at item ``bad``."""
+    if x == bad:
+        os._exit(7)
+    return x
+
+
+def write_pid_and_sleep(path, delay):
+    """Tell the test which worker runs this (by a file), then run long enough to be killed."""
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(delay)
+    return os.getpid()
+
+
+def sleep_unless(x, slow=3, delay=30):
+    """Return ``x`` at once, except item ``slow``, which takes ``delay`` seconds."""
+    if x == slow:
+        time.sleep(delay)
+    return x
+
+
+def ignore_sigterm_and_sleep(delay):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(delay)
+
+
+_HOG = []
+
+
+def grow_and_getpid(nbytes):
+    """Keep ``nbytes`` of touched memory alive in this worker; return its pid."""
+    block = bytearray(nbytes)
+    block[::4096] = b"x" * len(block[::4096])
+    _HOG.append(block)
+    return os.getpid()
+
+
+def exiting_initializer():
+    os._exit(3)

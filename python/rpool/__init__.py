@@ -10,6 +10,7 @@ from .pool import (
     MapResult,
     Pool,
     PoolTerminatedError,
+    TaskTimeoutError,
     RemoteError,
     WorkerLostError,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "TimeoutError",
     "WorkerLostError",
     "PoolTerminatedError",
+    "TaskTimeoutError",
     "RemoteError",
     "get_context",
     "cpu_count",
@@ -40,8 +42,9 @@ class Context:
     def get_start_method(self, allow_none=False):
         return self._method
 
-    def Pool(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None):
-        return Pool(processes, initializer, initargs, maxtasksperchild, context=self)
+    def Pool(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None, **options):
+        """`rpool.Pool` with this start method; `options` are rpool's own keywords."""
+        return Pool(processes, initializer, initargs, maxtasksperchild, context=self, **options)
 
     def __repr__(self):
         return f"<rpool.Context {self._method!r}>"

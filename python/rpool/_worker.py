@@ -81,7 +81,7 @@ def _become_worker(setup, number, forked):
     initializer = setup["initializer"]
     if initializer is not None:
         initializer(*setup["initargs"])
-    return execute, setup["maxtasks"]
+    return execute, setup["maxtasks"], setup.get("max_memory")
 
 
 def bootstrap_forked(setup, number):

@@ -25,7 +25,16 @@ from . import _rpool
 from ._worker import dumps as _dumps
 from ._worker import bootstrap_forked, mapstar, starmapstar
 
-__all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator", "WorkerLostError", "PoolTerminatedError"]
+__all__ = [
+    "Pool",
+    "AsyncResult",
+    "ApplyResult",
+    "MapResult",
+    "IMapIterator",
+    "WorkerLostError",
+    "PoolTerminatedError",
+    "TaskTimeoutError",
+]
 
 _log = logging.getLogger("rpool")
 
@@ -34,7 +43,7 @@ CLOSE = "CLOSE"
 TERMINATE = "TERMINATE"
 
 # Outcome kinds as the core reports them (see PyJob.take in src/bindings.rs).
-_VALUE, _RAISED, _LOST, _TERMINATED = 0, 1, 2, 3
+_VALUE, _RAISED, _LOST, _TERMINATED, _TIMED_OUT = 0, 1, 2, 3, 4
 
 # Decoding a result happens once, whichever thread asks first.
 _settle_lock = threading.Lock()
@@ -46,6 +55,14 @@ class WorkerLostError(multiprocessing.ProcessError):
 
 class PoolTerminatedError(multiprocessing.ProcessError):
     """The pool was terminated before this task finished."""
+
+
+class TaskTimeoutError(TimeoutError):
+    """The task ran past its time limit (`timeout=` or `Pool(task_timeout=)`); its worker was killed.
+
+    Unlike the `TimeoutError` of `AsyncResult.get(timeout)`, which only stops waiting, this one
+    means the task itself was stopped. It is a subclass of `multiprocessing.TimeoutError`.
+    """
 
 
 class RemoteError(Exception):
@@ -71,6 +88,8 @@ def _decode(job, part):
             return False, err
     if kind == _LOST:
         return False, WorkerLostError(data)
+    if kind == _TIMED_OUT:
+        return False, TaskTimeoutError(data)
     return False, PoolTerminatedError(data)
 
 
@@ -97,15 +116,30 @@ class ApplyResult:
         return self._success
 
     def wait(self, timeout=None):
-        self._job.wait(timeout)
+        self._wait(timeout)
 
     def get(self, timeout=None):
-        if not self._job.wait(timeout):
+        if not self._wait(timeout):
             raise TimeoutError
         self._settle()
         if self._success:
             return self._value
         raise self._value
+
+    def _wait(self, timeout):
+        job = self._job
+        if (
+            getattr(_callback_thread, "active", False)
+            and (self._callback is not None or self._error_callback is not None)
+            and not job.ready()
+        ):
+            # A callback waits for a result whose own callback is still to run: only this
+            # thread could run it, so run it here once the result is in, or both would wait forever.
+            if not job.wait_complete(timeout):
+                return False
+            self._run_callbacks()
+            return True
+        return job.wait(timeout)
 
     def _collect(self):
         return _decode(self._job, 0)
@@ -222,12 +256,36 @@ def _chunks(iterable, size):
         yield chunk
 
 
+# Set on rpool-callbacks while it runs callbacks.
+_callback_thread = threading.local()
+
+
 def _deliver(cache, job_ids):
     """Run on rpool-callbacks with the GIL: the callbacks of jobs that just finished."""
+    _callback_thread.active = True
     for job_id in job_ids:
         result = cache.pop(job_id, None)
         if result is not None:
             result._run_callbacks()
+
+
+def _label(func):
+    """How error messages name a task's function: `module.qualname`."""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    if not isinstance(name, str):
+        return repr(func)[:200]
+    module = getattr(func, "__module__", None)
+    return f"{module}.{name}" if isinstance(module, str) else name
+
+
+def _check_seconds(value, what):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds or None, not {type(value).__name__}")
+    if not 0 < value < 1e9:
+        raise ValueError(f"{what} must be a positive number of seconds, not {value!r}")
+    return float(value)
 
 
 def _start_method(context):
@@ -244,7 +302,17 @@ _live_pools = weakref.WeakSet()
 class Pool:
     """A process pool with the API of `multiprocessing.Pool`, run by rpool's Rust core."""
 
-    def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None, context=None):
+    def __init__(
+        self,
+        processes=None,
+        initializer=None,
+        initargs=(),
+        maxtasksperchild=None,
+        context=None,
+        *,
+        task_timeout=None,
+        max_memory_per_child=None,
+    ):
         self._state = "INIT"
         self._cache = {}
         if processes is None:
@@ -256,6 +324,12 @@ class Pool:
                 raise ValueError("maxtasksperchild must be a positive int or None")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        self._task_timeout = _check_seconds(task_timeout, "task_timeout")
+        if max_memory_per_child is not None:
+            if isinstance(max_memory_per_child, bool) or not isinstance(max_memory_per_child, int):
+                raise TypeError("max_memory_per_child must be a number of bytes (int) or None")
+            if max_memory_per_child <= 0:
+                raise ValueError("max_memory_per_child must be a positive number of bytes or None")
         method = _start_method(context)
         if method not in _NAME_PREFIX:
             raise ValueError(f"cannot find context for {method!r}")
@@ -265,6 +339,7 @@ class Pool:
             "initializer": initializer,
             "initargs": tuple(initargs),
             "maxtasks": maxtasksperchild,
+            "max_memory": max_memory_per_child,
             "name_prefix": _NAME_PREFIX[method],
         }
         deliver = functools.partial(_deliver, self._cache)
@@ -295,17 +370,28 @@ class Pool:
 
     # --- single calls ---------------------------------------------------------------------
 
-    def apply(self, func, args=(), kwds={}):
-        """Call `func(*args, **kwds)` in a worker and return its result."""
-        self._check_running()
-        return self.apply_async(func, args, kwds).get()
+    def _time_limit(self, timeout):
+        """A call's `timeout=` (seconds each task may run), or the pool's `task_timeout`."""
+        if timeout is None:
+            return self._task_timeout
+        return _check_seconds(timeout, "timeout")
 
-    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
+    def apply(self, func, args=(), kwds={}, *, timeout=None):
+        """Call `func(*args, **kwds)` in a worker and return its result.
+
+        `timeout`: seconds the call may run in the worker; past that, the worker is killed and
+        `TaskTimeoutError` raised.
+        """
+        self._check_running()
+        return self.apply_async(func, args, kwds, timeout=timeout).get()
+
+    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None, *, timeout=None):
         """Start `func(*args, **kwds)` in a worker; returns an `AsyncResult`."""
         self._check_running()
+        limit = self._time_limit(timeout)
         payload = _dumps((func, args, kwds))
         has_callbacks = callback is not None or error_callback is not None
-        job = self._core.new_job(1, has_callbacks)
+        job = self._core.new_job(1, has_callbacks, _label(func), limit)
         result = ApplyResult(job, callback, error_callback)
         if has_callbacks:
             self._cache[job.id] = result
@@ -314,20 +400,23 @@ class Pool:
 
     # --- map family -----------------------------------------------------------------------
 
-    def map(self, func, iterable, chunksize=None):
-        return self._map_async(func, iterable, mapstar, chunksize).get()
+    # `timeout=` on the map family limits how long each chunk may run in a worker.
 
-    def starmap(self, func, iterable, chunksize=None):
-        return self._map_async(func, iterable, starmapstar, chunksize).get()
+    def map(self, func, iterable, chunksize=None, *, timeout=None):
+        return self._map_async(func, iterable, mapstar, chunksize, timeout=timeout).get()
 
-    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
-        return self._map_async(func, iterable, mapstar, chunksize, callback, error_callback)
+    def starmap(self, func, iterable, chunksize=None, *, timeout=None):
+        return self._map_async(func, iterable, starmapstar, chunksize, timeout=timeout).get()
 
-    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
-        return self._map_async(func, iterable, starmapstar, chunksize, callback, error_callback)
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *, timeout=None):
+        return self._map_async(func, iterable, mapstar, chunksize, callback, error_callback, timeout)
 
-    def _map_async(self, func, iterable, mapper, chunksize=None, callback=None, error_callback=None):
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *, timeout=None):
+        return self._map_async(func, iterable, starmapstar, chunksize, callback, error_callback, timeout)
+
+    def _map_async(self, func, iterable, mapper, chunksize=None, callback=None, error_callback=None, timeout=None):
         self._check_running()
+        limit = self._time_limit(timeout)
         if not hasattr(iterable, "__len__"):
             iterable = list(iterable)
         if chunksize is None:
@@ -338,7 +427,7 @@ class Pool:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         payloads = [_dumps((mapper, (func, chunk), {})) for chunk in _chunks(iterable, max(chunksize, 1))]
         has_callbacks = callback is not None or error_callback is not None
-        job = self._core.new_job(len(payloads), has_callbacks)
+        job = self._core.new_job(len(payloads), has_callbacks, _label(func), limit)
         result = MapResult(job, len(payloads), callback, error_callback)
         if not payloads:
             # As the stdlib: an empty map is ready at once, and its callback is not called.
@@ -350,22 +439,22 @@ class Pool:
             self._core.submit(job, part, payload)
         return result
 
-    def imap(self, func, iterable, chunksize=1):
+    def imap(self, func, iterable, chunksize=1, *, timeout=None):
         """Like `map`, but lazy: results are yielded in order as they arrive."""
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        return self._imap(func, iterable, chunksize, ordered=True)
+        return self._imap(func, iterable, chunksize, ordered=True, timeout=timeout)
 
-    def imap_unordered(self, func, iterable, chunksize=1):
+    def imap_unordered(self, func, iterable, chunksize=1, *, timeout=None):
         """Like `imap`, but results are yielded as soon as they are ready."""
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
-        return self._imap(func, iterable, chunksize, ordered=False)
+        return self._imap(func, iterable, chunksize, ordered=False, timeout=timeout)
 
-    def _imap(self, func, iterable, chunksize, ordered):
-        job = self._core.new_job(None, False)
+    def _imap(self, func, iterable, chunksize, ordered, timeout):
+        job = self._core.new_job(None, False, _label(func), self._time_limit(timeout))
         result = IMapIterator(job, ordered, chunked=chunksize != 1)
         feeder = threading.Thread(
             target=_feed, args=(self._core, job, result, func, iterable, chunksize), name="rpool-feed", daemon=True
