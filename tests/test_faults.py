@@ -424,3 +424,31 @@ def test_random_worker_kills_lose_no_task(method, count):
     assert lost <= len(kills), "more tasks lost than workers killed"
     assert outcomes == {"value": values, "lost": lost}
     assert children() - before == set(), "a process outlived the pool"
+
+
+# --------------------------------------------------------------- bad input
+
+
+def test_unpicklable_input_is_named_and_loses_nothing():
+    import pickle
+
+    lock = threading.Lock()
+    with rpool.get_context("fork").Pool(2) as pool:
+        cases = [
+            (lambda: pool.apply_async(tasks.identity, (1, lock)), r"argument 2 <unlocked _thread\.lock"),
+            (lambda: pool.apply(tasks.kwargs_echo, (), {"key": lock}), r"keyword argument 'key'"),
+            (lambda: pool.map(tasks.identity, [0, 1, 2, lock, 4], chunksize=2), r"input item 3 "),
+            (lambda: pool.starmap_async(tasks.add, [(1, 2), (lock, 1)]), r"input item 1 "),
+            (lambda: pool.apply_async(lambda: 1), r"the function <function .*<lambda>"),
+        ]
+        for submit, named in cases:
+            with pytest.raises(pickle.PicklingError, match=named) as info:
+                submit()
+            assert isinstance(info.value, TypeError)  # what the stdlib raises for most of these
+            assert "tasks." in str(info.value) or "<lambda>" in str(info.value)
+        it = pool.imap(tasks.identity, [1, lock, 3])
+        assert it.next(timeout=30) == 1
+        with pytest.raises(rpool.UnpicklableTaskError, match="input item 1 "):
+            it.next(timeout=30)
+        assert it.next(timeout=30) == 3
+        assert pool.map(tasks.square, range(4)) == [0, 1, 4, 9]

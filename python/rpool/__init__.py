@@ -12,6 +12,7 @@ from .pool import (
     PoolTerminatedError,
     TaskTimeoutError,
     RemoteError,
+    UnpicklableTaskError,
     WorkerLostError,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "WorkerLostError",
     "PoolTerminatedError",
     "TaskTimeoutError",
+    "UnpicklableTaskError",
     "RemoteError",
     "get_context",
     "cpu_count",

@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import reprlib
 import threading
 import warnings
 import weakref
@@ -34,6 +35,7 @@ __all__ = [
     "WorkerLostError",
     "PoolTerminatedError",
     "TaskTimeoutError",
+    "UnpicklableTaskError",
 ]
 
 _log = logging.getLogger("rpool")
@@ -62,6 +64,13 @@ class TaskTimeoutError(TimeoutError):
 
     Unlike the `TimeoutError` of `AsyncResult.get(timeout)`, which only stops waiting, this one
     means the task itself was stopped. It is a subclass of `multiprocessing.TimeoutError`.
+    """
+
+
+class UnpicklableTaskError(pickle.PicklingError, TypeError):
+    """A task's function or arguments cannot be pickled; the message says which one.
+
+    Also a `TypeError`, which is what pickle itself raises for most such objects.
     """
 
 
@@ -247,13 +256,20 @@ class IMapIterator:
         return job.pop_finished()
 
 
-def _chunks(iterable, size):
+def _chunks(iterable, size, numbered=False):
+    """Tuples of up to `size` items; with `numbered`, `(index of the first item, chunk)` pairs."""
     it = iter(iterable)
+    start = 0
     while True:
         chunk = tuple(itertools.islice(it, size))
         if not chunk:
             return
-        yield chunk
+        yield (start, chunk) if numbered else chunk
+        start += len(chunk)
+
+
+def _input_items(chunk, start):
+    return [(f"input item {start + i}", item) for i, item in enumerate(chunk)]
 
 
 # Set on rpool-callbacks while it runs callbacks.
@@ -276,6 +292,27 @@ def _label(func):
         return repr(func)[:200]
     module = getattr(func, "__module__", None)
     return f"{module}.{name}" if isinstance(module, str) else name
+
+
+# Names an object in an error message without printing all of a huge one.
+_short_repr = reprlib.Repr()
+_short_repr.maxother = _short_repr.maxstring = 120
+
+
+def _dump_task(call, func, parts):
+    """Pickle `call` for a worker. If it cannot be, find which of the function and `parts()`
+    (`(what, object)` pairs: the arguments or input items) is to blame, and say so."""
+    try:
+        return _dumps(call)
+    except Exception as exc:
+        culprit = "the task"
+        for what, obj in [("the function", func), *parts()]:
+            try:
+                _dumps(obj)
+            except Exception:
+                culprit = f"{what} {_short_repr.repr(obj)}"
+                break
+        raise UnpicklableTaskError(f"cannot pickle {culprit} for {_label(func)}: {exc}") from exc
 
 
 def _check_seconds(value, what):
@@ -389,7 +426,12 @@ class Pool:
         """Start `func(*args, **kwds)` in a worker; returns an `AsyncResult`."""
         self._check_running()
         limit = self._time_limit(timeout)
-        payload = _dumps((func, args, kwds))
+        payload = _dump_task(
+            (func, args, kwds),
+            func,
+            lambda: [(f"argument {i + 1}", a) for i, a in enumerate(args)]
+            + [(f"keyword argument {k!r}", v) for k, v in kwds.items()],
+        )
         has_callbacks = callback is not None or error_callback is not None
         job = self._core.new_job(1, has_callbacks, _label(func), limit)
         result = ApplyResult(job, callback, error_callback)
@@ -425,7 +467,10 @@ class Pool:
                 chunksize += 1
         elif chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
-        payloads = [_dumps((mapper, (func, chunk), {})) for chunk in _chunks(iterable, max(chunksize, 1))]
+        payloads = [
+            _dump_task((mapper, (func, chunk), {}), func, functools.partial(_input_items, chunk, start))
+            for start, chunk in _chunks(iterable, max(chunksize, 1), numbered=True)
+        ]
         has_callbacks = callback is not None or error_callback is not None
         job = self._core.new_job(len(payloads), has_callbacks, _label(func), limit)
         result = MapResult(job, len(payloads), callback, error_callback)
@@ -509,8 +554,9 @@ def _feed(core, job, result, func, iterable, chunksize):
         items = _chunks(iterable, chunksize) if mapper else iter(iterable)
         for item in items:
             call = (mapper, (func, item), {}) if mapper else (func, (item,), {})
+            chunk = item if mapper else (item,)
             try:
-                payload = _dumps(call)
+                payload = _dump_task(call, func, functools.partial(_input_items, chunk, part * chunksize))
             except Exception as exc:
                 core.fail_part(job, part, _dumps(exc))
             else:
