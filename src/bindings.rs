@@ -277,7 +277,11 @@ pub fn worker_main(py: Python<'_>) -> PyResult<i32> {
         return Ok(0);
     };
     let worker = py.import("rpool._worker")?;
-    worker.call_method1("prepare", (&prep,))?;
+    if let Err(err) = worker.call_method1("prepare", (&prep,)) {
+        // Re-running the main module failed (e.g. it makes a pool without a main guard).
+        child::report_init_failure(py, EXEC_RESULT_FD, err);
+        return Ok(1);
+    }
     Ok(run_child(
         py,
         EXEC_TASK_FD,

@@ -857,7 +857,10 @@ impl Core {
         if failed_start {
             s.init_failures += 1;
             let why = match &w.init_error {
-                Some(tb) => format!("failed in the pool's initializer; the last one {how}:\n{tb}"),
+                Some(tb) => format!(
+                    "failed while starting (in the pool's initializer, or preparing `__main__`); \
+                     the last one {how}:\n{tb}"
+                ),
                 None => format!(
                     "exited while starting, before running any task (in the pool's initializer?); \
                      the last one {how}"

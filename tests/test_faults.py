@@ -452,3 +452,20 @@ def test_unpicklable_input_is_named_and_loses_nothing():
             it.next(timeout=30)
         assert it.next(timeout=30) == 3
         assert pool.map(tasks.square, range(4)) == [0, 1, 4, 9]
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_script_without_main_guard_fails_instead_of_respawning(run_script, method):
+    # The stdlib's workers each fail with the "bootstrapping phase" error and are respawned
+    # forever; rpool's pool gives up and the script ends with that error.
+    proc = run_script(
+        f"""
+        pool = M.get_context({method!r}).Pool(2)
+        print(pool.map(abs, [-1, -2]))
+        """,
+        "rpool",
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "bootstrapping phase" in proc.stderr
+    assert proc.stdout.count("[1, 2]") <= 1, "workers ran the script's pool themselves"

@@ -91,7 +91,15 @@ def bootstrap_forked(setup, number):
 
 def prepare(data):
     """In an exec'd worker: rebuild sys.path, cwd, authkey and `__main__` as the stdlib's spawn does."""
-    spawn.prepare(pickle.loads(data))
+    me = process.current_process()
+    # As the stdlib's spawn_main: a script without `if __name__ == "__main__":` that makes a
+    # pool while its main module is re-imported here gets the stdlib's "bootstrapping phase"
+    # RuntimeError instead of starting workers of its own.
+    me._inheriting = True
+    try:
+        spawn.prepare(pickle.loads(data))
+    finally:
+        me._inheriting = False
 
 
 def load_setup(data):
