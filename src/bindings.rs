@@ -9,6 +9,7 @@ use crate::launch::{
     self, die_with_parent, worker_pipes, ExecLauncher, EXEC_RESULT_FD, EXEC_TASK_FD,
 };
 use crate::pool::{Core, Launch, Launched, Lifecycle, PoolConfig, SubmitError};
+use crate::threads::{self, Next};
 use crossbeam::channel::Receiver;
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -119,7 +120,8 @@ impl PyJob {
     }
 
     /// The outcome of part `part` as `(kind, data)`: 0 value (pickle), 1 raised (pickle),
-    /// 2 worker lost, 3 terminated, 4 timed out (messages). `None` if not there (or already taken).
+    /// 2 worker lost, 3 terminated, 4 timed out (messages), 5 cancelled (None), 6 value (the
+    /// object), 7 raised (the exception object). `None` if not there (or already taken).
     fn take(&self, py: Python<'_>, part: usize) -> Option<(u8, Py<PyAny>)> {
         self.inner.take(part).map(|outcome| match outcome {
             Outcome::Value(b) => (0, PyBytes::new(py, &b).into_any().unbind()),
@@ -127,7 +129,23 @@ impl PyJob {
             Outcome::WorkerLost(m) => (2, m.into_pyobject(py).unwrap().into_any().unbind()),
             Outcome::Terminated(m) => (3, m.into_pyobject(py).unwrap().into_any().unbind()),
             Outcome::TimedOut(m) => (4, m.into_pyobject(py).unwrap().into_any().unbind()),
+            Outcome::Cancelled => (5, py.None()),
+            Outcome::Object { ok, value } => {
+                let object = value
+                    .0
+                    .downcast_ref::<Py<PyAny>>()
+                    .map_or_else(|| py.None(), |o| o.clone_ref(py));
+                (if ok { 6 } else { 7 }, object)
+            }
         })
+    }
+
+    /// Write to `fd` (a non-blocking eventfd, duplicated here) whenever a part finishes or the
+    /// job becomes ready; `token` names the waiter so it registers once.
+    fn add_waker(&self, token: u64, fd: RawFd) -> PyResult<()> {
+        let owned = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+        self.inner.add_waker(token, owned);
+        Ok(())
     }
 
     fn total(&self) -> Option<usize> {
@@ -387,6 +405,61 @@ fn spawn_callbacks_thread(
         })
 }
 
+fn lifecycle_name(lifecycle: Lifecycle) -> &'static str {
+    match lifecycle {
+        Lifecycle::Running => "RUN",
+        Lifecycle::Closed => "CLOSE",
+        Lifecycle::Terminated => "TERMINATE",
+    }
+}
+
+/// `join()`'s wait: a running pool is an error; else wait (interruptibly) until `finished`.
+fn wait_stopped(
+    py: Python<'_>,
+    lifecycle: Lifecycle,
+    timeout: Option<f64>,
+    finished: impl Fn(Duration) -> bool + Sync,
+) -> PyResult<bool> {
+    if lifecycle == Lifecycle::Running {
+        return Err(PyValueError::new_err("Pool is still running"));
+    }
+    wait_interruptibly(py, timeout, finished)
+}
+
+/// Join a callbacks thread, unless this is it (a callback may close its own pool).
+/// Wait up to `timeout` for a callbacks thread to finish the callbacks it was given, then join
+/// it. A callback still running then is left to finish on its own.
+fn join_callbacks(
+    py: Python<'_>,
+    callbacks: &Mutex<Option<JoinHandle<()>>>,
+    timeout: Option<f64>,
+) -> PyResult<()> {
+    let mut slot = callbacks.lock().unwrap();
+    let Some(h) = slot.as_ref() else {
+        return Ok(());
+    };
+    if h.thread().id() == std::thread::current().id() {
+        return Ok(()); // close/terminate/join called from a callback
+    }
+    let finished = wait_interruptibly(py, timeout, |slice| {
+        let until = Instant::now() + slice;
+        while !h.is_finished() {
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    })?;
+    if finished {
+        let _ = slot.take().map(JoinHandle::join);
+    } else if timeout.is_some() {
+        slot.take();
+        log::warn!(target: "rpool", "a callback is still running after terminate(); it is left to finish");
+    }
+    Ok(())
+}
+
 #[pyclass(frozen, module = "rpool._rpool")]
 pub struct PoolCore {
     core: Arc<Core>,
@@ -399,30 +472,7 @@ impl PoolCore {
     fn join_threads(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
         let core = self.core.clone();
         py.detach(|| core.join_threads());
-        let mut slot = self.callbacks.lock().unwrap();
-        let Some(h) = slot.as_ref() else {
-            return Ok(());
-        };
-        if h.thread().id() == std::thread::current().id() {
-            return Ok(()); // close/terminate/join called from a callback
-        }
-        let finished = wait_interruptibly(py, timeout, |slice| {
-            let until = Instant::now() + slice;
-            while !h.is_finished() {
-                if Instant::now() >= until {
-                    return false;
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            true
-        })?;
-        if finished {
-            let _ = slot.take().map(JoinHandle::join);
-        } else if timeout.is_some() {
-            slot.take();
-            log::warn!(target: "rpool", "a callback is still running after terminate(); it is left to finish");
-        }
-        Ok(())
+        join_callbacks(py, &self.callbacks, timeout)
     }
 }
 
@@ -523,6 +573,11 @@ impl PoolCore {
         self.core.seal(&job.inner, total);
     }
 
+    /// Drop `job`'s parts that no worker has received yet (they end cancelled); returns how many.
+    fn cancel(&self, job: &PyJob) -> usize {
+        self.core.cancel(&job.inner)
+    }
+
     fn close(&self) {
         self.core.close();
     }
@@ -541,15 +596,12 @@ impl PoolCore {
     /// Wait until every worker has exited and every callback has run (after close or terminate).
     #[pyo3(signature = (timeout=None))]
     fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        if self.core.lifecycle() == Lifecycle::Running {
-            return Err(PyValueError::new_err("Pool is still running"));
-        }
         let core = &self.core;
-        if !wait_interruptibly(py, timeout, |slice| core.wait_finished(slice))? {
-            return Ok(false);
+        let stopped = wait_stopped(py, core.lifecycle(), timeout, |s| core.wait_finished(s))?;
+        if stopped {
+            self.join_threads(py, None)?;
         }
-        self.join_threads(py, None)?;
-        Ok(true)
+        Ok(stopped)
     }
 
     fn worker_pids(&self) -> Vec<i32> {
@@ -558,15 +610,137 @@ impl PoolCore {
 
     #[getter]
     fn state(&self) -> &'static str {
-        match self.core.lifecycle() {
-            Lifecycle::Running => "RUN",
-            Lifecycle::Closed => "CLOSE",
-            Lifecycle::Terminated => "TERMINATE",
-        }
+        lifecycle_name(self.core.lifecycle())
     }
 
     #[getter]
     fn processes(&self) -> usize {
         self.core.processes()
+    }
+}
+
+/// The core of `rpool.ThreadPool`: the pool's Python threads take tasks (any Python object,
+/// never pickled) with `next_task` and settle them with `complete`; results, callbacks and
+/// lifecycle work as in `PoolCore`.
+#[pyclass(frozen, module = "rpool._rpool")]
+pub struct ThreadCore {
+    core: Arc<threads::ThreadCore<Py<PyAny>>>,
+    callbacks: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[pymethods]
+impl ThreadCore {
+    /// `threads`: how many pool threads will call `next_task` (each calls `thread_exited` at
+    /// the end); `deliver(job_ids)` runs callbacks, as for `PoolCore`.
+    #[new]
+    fn new(threads: usize, deliver: Py<PyAny>) -> PyResult<Self> {
+        let (core, rx) = threads::ThreadCore::new(threads);
+        Ok(ThreadCore {
+            core: Arc::new(core),
+            callbacks: Mutex::new(Some(spawn_callbacks_thread(rx, deliver)?)),
+        })
+    }
+
+    /// As `PoolCore.new_job`; `label` is unused and a time limit is refused: a thread cannot
+    /// be stopped.
+    #[pyo3(signature = (total, has_callbacks, label=String::new(), timeout=None))]
+    fn new_job(
+        &self,
+        total: Option<usize>,
+        has_callbacks: bool,
+        label: String,
+        timeout: Option<f64>,
+    ) -> PyResult<PyJob> {
+        let _ = label;
+        if timeout.is_some() {
+            return Err(PyValueError::new_err(
+                "ThreadPool cannot limit how long a task runs (a thread cannot be stopped)",
+            ));
+        }
+        Ok(PyJob {
+            inner: self.core.new_job(total, has_callbacks)?,
+        })
+    }
+
+    /// Queue part `part` of `job`; `payload` is handed as it is to the thread that runs it.
+    fn submit(&self, job: &PyJob, part: usize, payload: Py<PyAny>) -> PyResult<()> {
+        Ok(self.core.submit(&job.inner, part, payload)?)
+    }
+
+    fn fail_part(&self, job: &PyJob, part: usize, exc: Vec<u8>) {
+        self.core.finish(&job.inner, part, Outcome::Raised(exc));
+    }
+
+    fn seal(&self, job: &PyJob, total: usize) {
+        self.core.seal(&job.inner, total);
+    }
+
+    fn cancel(&self, job: &PyJob) -> usize {
+        self.core.cancel(&job.inner)
+    }
+
+    /// Wait for a task: `(task_id, payload)`, or `None` when the thread should exit.
+    #[pyo3(signature = (timeout=None))]
+    fn next_task(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<(u64, Py<PyAny>)>> {
+        let found = Mutex::new(None);
+        let core = &self.core;
+        let got = wait_interruptibly(py, timeout, |slice| match core.next_task(slice) {
+            Next::Run(task) => {
+                *found.lock().unwrap() = Some((task.id, task.payload));
+                true
+            }
+            Next::Exit => true,
+            Next::Idle => false,
+        })?;
+        Ok(if got {
+            found.into_inner().unwrap()
+        } else {
+            None
+        })
+    }
+
+    /// Settle task `task_id` with its return value (`ok`) or the exception it raised.
+    fn complete(&self, task_id: u64, ok: bool, value: Py<PyAny>) {
+        let value = job::Held(Arc::new(value));
+        self.core.complete(task_id, Outcome::Object { ok, value });
+    }
+
+    /// A pool thread's initializer failed: queued and later tasks fail with `reason`.
+    fn break_pool(&self, reason: String) {
+        self.core.break_pool(reason);
+    }
+
+    fn thread_exited(&self) {
+        self.core.thread_exited();
+    }
+
+    fn close(&self) {
+        self.core.close();
+    }
+
+    /// Fail every unfinished task; `join` then waits for the threads (running tasks finish unheard).
+    fn terminate(&self) {
+        self.core.terminate();
+    }
+
+    /// Wait until every pool thread has exited and every callback has run (after close or terminate).
+    #[pyo3(signature = (timeout=None))]
+    fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let core = &self.core;
+        let stopped = wait_stopped(py, core.lifecycle(), timeout, |s| core.wait_finished(s))?;
+        if stopped {
+            core.stop_callbacks();
+            join_callbacks(py, &self.callbacks, None)?;
+        }
+        Ok(stopped)
+    }
+
+    #[getter]
+    fn state(&self) -> &'static str {
+        lifecycle_name(self.core.lifecycle())
     }
 }

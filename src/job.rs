@@ -1,8 +1,11 @@
 //! Result slots: one `Job` per submission (`apply`: one part; `map`: one part per chunk;
 //! `imap`: parts added as the input is read). Completed by the pool's threads, read by callers.
 
+use crossbeam::channel::Sender;
+use std::any::Any;
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How one part (task) ended.
@@ -18,7 +21,30 @@ pub enum Outcome {
     Terminated(String),
     /// The task ran past its time limit; its worker was killed. The text says which and how long.
     TimedOut(String),
+    /// Cancelled while still queued: it never ran.
+    Cancelled,
+    /// A result kept as the object itself, never pickled (thread pools): the return value, or
+    /// the exception raised when `ok` is false.
+    Object { ok: bool, value: Held },
 }
+
+/// An object owned by whoever completes the part (a Python object, for the bindings).
+#[derive(Clone)]
+pub struct Held(pub Arc<dyn Any + Send + Sync>);
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Held(..)")
+    }
+}
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Held) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Held {}
 
 #[derive(Default)]
 struct Parts {
@@ -43,6 +69,9 @@ pub struct Job {
     pub time_limit: Option<Duration>,
     parts: Mutex<Parts>,
     changed: Condvar,
+    /// Event fds written on every change, so an event loop can wait without a thread (asyncio),
+    /// keyed by a token so one loop registers once.
+    wakers: Mutex<Vec<(u64, OwnedFd)>>,
 }
 
 impl Job {
@@ -58,6 +87,24 @@ impl Job {
             time_limit: None,
             parts: Mutex::new(parts),
             changed: Condvar::new(),
+            wakers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Write to `fd` (an eventfd or non-blocking pipe) whenever a part finishes or the job becomes ready.
+    pub fn add_waker(&self, token: u64, fd: OwnedFd) {
+        let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        if !wakers.iter().any(|(t, _)| *t == token) {
+            wakers.push((token, fd));
+        }
+    }
+
+    fn notify(&self) {
+        self.changed.notify_all();
+        let wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, fd) in wakers.iter() {
+            let one: u64 = 1;
+            unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
     }
 
@@ -104,7 +151,7 @@ impl Job {
             p.ready = true;
         }
         drop(p);
-        self.changed.notify_all();
+        self.notify();
         complete
     }
 
@@ -117,13 +164,13 @@ impl Job {
             p.ready = true;
         }
         drop(p);
-        self.changed.notify_all();
+        self.notify();
         complete
     }
 
     pub fn mark_ready(&self) {
         self.lock().ready = true;
-        self.changed.notify_all();
+        self.notify();
     }
 
     pub fn is_ready(&self) -> bool {
@@ -154,6 +201,23 @@ impl Job {
     /// Pop the next part in finishing order, if one finished and was not yet popped.
     pub fn pop_finished(&self) -> Option<usize> {
         self.lock().finish_order.pop_front()
+    }
+}
+
+/// A job whose parts are all in: send it to the callbacks thread if it has callbacks (they do not
+/// run for a terminated pool, as in the stdlib), else it is ready already.
+pub fn deliver(callbacks: &Mutex<Option<Sender<Arc<Job>>>>, job: &Arc<Job>, terminated: bool) {
+    if !job.has_callbacks {
+        return;
+    }
+    let tx = callbacks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match tx {
+        Some(tx) if !terminated => {
+            if tx.send(job.clone()).is_err() {
+                job.mark_ready();
+            }
+        }
+        _ => job.mark_ready(),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod frame;
 pub mod job;
 pub mod launch;
 pub mod pool;
+pub mod threads;
 
 use pyo3::prelude::*;
 
@@ -18,6 +19,7 @@ fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
         .install();
     m.add_class::<bindings::PoolCore>()?;
     m.add_class::<bindings::PyJob>()?;
+    m.add_class::<bindings::ThreadCore>()?;
     m.add_function(wrap_pyfunction!(bindings::worker_main, m)?)?;
     m.add_function(wrap_pyfunction!(bindings::forkserver_main, m)?)?;
     Ok(())

@@ -16,7 +16,7 @@
 //! others go back to the front of the queue.
 
 use crate::frame::{self, kind, FrameReader, HEADER_LEN};
-use crate::job::{wait_until, Job, Outcome};
+use crate::job::{self, wait_until, Job, Outcome};
 use crossbeam::channel::{unbounded, Receiver, Sender};
 use std::collections::VecDeque;
 use std::io;
@@ -333,6 +333,28 @@ impl Core {
         }
     }
 
+    /// Drop `job`'s parts that are still queued (not yet sent to a worker); they end as
+    /// `Outcome::Cancelled`. Returns how many were dropped.
+    pub fn cancel(&self, job: &Arc<Job>) -> usize {
+        let dropped: VecDeque<InFlight> = {
+            let mut s = self.lock();
+            let (mine, rest) = std::mem::take(&mut s.queue)
+                .into_iter()
+                .partition(|f| Arc::ptr_eq(&f.job, job));
+            s.queue = rest;
+            self.pump(&mut s);
+            mine
+        };
+        let n = dropped.len();
+        self.finish(
+            dropped
+                .into_iter()
+                .map(|f| (f, Outcome::Cancelled))
+                .collect(),
+        );
+        n
+    }
+
     /// No more parts for an open job.
     pub fn seal(&self, job: &Arc<Job>, total: usize) {
         let complete = job.seal(total);
@@ -546,19 +568,9 @@ impl Core {
     }
 
     fn job_complete(&self, job: &Arc<Job>) {
-        if !job.has_callbacks {
-            return;
-        }
-        let terminated = self.lifecycle() == Lifecycle::Terminated;
-        let tx = self.callbacks_tx.lock().unwrap().clone();
-        match tx {
-            // Callbacks do not run for tasks cut short by terminate(), as in the stdlib.
-            Some(tx) if !terminated => {
-                if tx.send(job.clone()).is_err() {
-                    job.mark_ready();
-                }
-            }
-            _ => job.mark_ready(),
+        if job.has_callbacks {
+            let terminated = self.lifecycle() == Lifecycle::Terminated;
+            job::deliver(&self.callbacks_tx, job, terminated);
         }
     }
 
@@ -1159,6 +1171,25 @@ mod tests {
         // The pool replaced the worker and keeps serving.
         let again = run(&core, &["echo:still here"]);
         assert_eq!(again.take(0), Some(Outcome::Value(b"still here".to_vec())));
+        shut_down(&core);
+    }
+
+    #[test]
+    fn cancel_drops_only_queued_parts_of_that_job() {
+        let core = pool(1, None);
+        let busy = core.new_job(Some(1), false).unwrap();
+        core.submit(&busy, 0, b"sleep:300").unwrap();
+        let job = core.new_job(Some(3), false).unwrap();
+        for i in 0..3 {
+            core.submit(&job, i, b"echo:x").unwrap();
+        }
+        // One worker holding one long task: the three parts are still queued.
+        assert_eq!(core.cancel(&job), 3);
+        assert!(job.is_ready());
+        assert!((0..3).all(|i| job.take(i) == Some(Outcome::Cancelled)));
+        assert!(busy.wait_for(Duration::from_secs(10), |v| v.ready()));
+        assert_eq!(busy.take(0), Some(Outcome::Value(b"300".to_vec())));
+        assert_eq!(core.cancel(&busy), 0, "a finished job has nothing queued");
         shut_down(&core);
     }
 

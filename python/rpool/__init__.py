@@ -15,6 +15,8 @@ from .pool import (
     UnpicklableTaskError,
     WorkerLostError,
 )
+from .executor import ProcessPoolExecutor
+from .threadpool import ThreadPool
 
 __all__ = [
     "Pool",
@@ -30,6 +32,8 @@ __all__ = [
     "RemoteError",
     "get_context",
     "cpu_count",
+    "ProcessPoolExecutor",
+    "ThreadPool",
 ]
 
 cpu_count = _mp.cpu_count

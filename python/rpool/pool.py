@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import concurrent.futures
 import functools
 import itertools
 import logging
@@ -22,7 +23,7 @@ from multiprocessing import TimeoutError
 from multiprocessing import spawn as _spawn
 from multiprocessing.pool import MaybeEncodingError
 
-from . import _rpool
+from . import _aio, _rpool
 from ._worker import dumps as _dumps
 from ._worker import bootstrap_forked, mapstar, starmapstar
 
@@ -46,6 +47,7 @@ TERMINATE = "TERMINATE"
 
 # Outcome kinds as the core reports them (see PyJob.take in src/bindings.rs).
 _VALUE, _RAISED, _LOST, _TERMINATED, _TIMED_OUT = 0, 1, 2, 3, 4
+_CANCELLED, _OBJECT_VALUE, _OBJECT_RAISED = 5, 6, 7
 
 # Decoding a result happens once, whichever thread asks first.
 _settle_lock = threading.Lock()
@@ -99,6 +101,12 @@ def _decode(job, part):
         return False, WorkerLostError(data)
     if kind == _TIMED_OUT:
         return False, TaskTimeoutError(data)
+    if kind == _CANCELLED:
+        return False, concurrent.futures.CancelledError()
+    if kind == _OBJECT_VALUE:
+        return True, data
+    if kind == _OBJECT_RAISED:
+        return False, data
     return False, PoolTerminatedError(data)
 
 
@@ -149,6 +157,11 @@ class ApplyResult:
             self._run_callbacks()
             return True
         return job.wait(timeout)
+
+    def __await__(self):
+        """`await result`: the value (or the exception), without blocking the event loop."""
+        yield from _aio.until(self._job, self._job.ready).__await__()
+        return self.get()
 
     def _collect(self):
         return _decode(self._job, 0)
@@ -239,6 +252,26 @@ class IMapIterator:
 
     __next__ = next
 
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        """`async for` over the results, waiting on the event loop instead of blocking it."""
+        while True:
+            try:
+                return self.next(timeout=0)
+            except StopIteration:
+                raise StopAsyncIteration from None
+            except TimeoutError:
+                await _aio.until(self._job, self._has_next)
+
+    def _has_next(self):
+        if self._buffer:
+            return True
+        if self._ordered:
+            return self._job.wait_part(self._next_part, 0)
+        return self._job.wait_any(0)
+
     def _wait_next_part(self, timeout):
         """The index of the next part to yield, or None when every part was yielded."""
         job = self._job
@@ -325,6 +358,20 @@ def _check_seconds(value, what):
     return float(value)
 
 
+def _check_pool_arguments(processes, initializer, maxtasksperchild=None):
+    """The stdlib's checks of a pool's arguments; returns the number of workers."""
+    if processes is None:
+        processes = os.cpu_count() or 1
+    if processes < 1:
+        raise ValueError("Number of processes must be at least 1")
+    if maxtasksperchild is not None:
+        if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
+            raise ValueError("maxtasksperchild must be a positive int or None")
+    if initializer is not None and not callable(initializer):
+        raise TypeError("initializer must be a callable")
+    return processes
+
+
 def _start_method(context):
     if context is None:
         return multiprocessing.get_context().get_start_method()
@@ -339,6 +386,10 @@ _live_pools = weakref.WeakSet()
 class Pool:
     """A process pool with the API of `multiprocessing.Pool`, run by rpool's Rust core."""
 
+    # How a call `(func, args, kwds)` goes to the core: `_pack(call, func, parts)` pickles it
+    # (naming the part that cannot be); ThreadPool passes it as it is.
+    _pack = staticmethod(_dump_task)
+
     def __init__(
         self,
         processes=None,
@@ -352,15 +403,7 @@ class Pool:
     ):
         self._state = "INIT"
         self._cache = {}
-        if processes is None:
-            processes = os.cpu_count() or 1
-        if processes < 1:
-            raise ValueError("Number of processes must be at least 1")
-        if maxtasksperchild is not None:
-            if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
-                raise ValueError("maxtasksperchild must be a positive int or None")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
+        processes = _check_pool_arguments(processes, initializer, maxtasksperchild)
         self._task_timeout = _check_seconds(task_timeout, "task_timeout")
         if max_memory_per_child is not None:
             if isinstance(max_memory_per_child, bool) or not isinstance(max_memory_per_child, int):
@@ -426,7 +469,7 @@ class Pool:
         """Start `func(*args, **kwds)` in a worker; returns an `AsyncResult`."""
         self._check_running()
         limit = self._time_limit(timeout)
-        payload = _dump_task(
+        payload = self._pack(
             (func, args, kwds),
             func,
             lambda: [(f"argument {i + 1}", a) for i, a in enumerate(args)]
@@ -468,7 +511,7 @@ class Pool:
         elif chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         payloads = [
-            _dump_task((mapper, (func, chunk), {}), func, functools.partial(_input_items, chunk, start))
+            self._pack((mapper, (func, chunk), {}), func, functools.partial(_input_items, chunk, start))
             for start, chunk in _chunks(iterable, max(chunksize, 1), numbered=True)
         ]
         has_callbacks = callback is not None or error_callback is not None
@@ -502,7 +545,10 @@ class Pool:
         job = self._core.new_job(None, False, _label(func), self._time_limit(timeout))
         result = IMapIterator(job, ordered, chunked=chunksize != 1)
         feeder = threading.Thread(
-            target=_feed, args=(self._core, job, result, func, iterable, chunksize), name="rpool-feed", daemon=True
+            target=_feed,
+            args=(self._core, job, result, func, iterable, chunksize, self._pack),
+            name="rpool-feed",
+            daemon=True,
         )
         feeder.start()
         return result
@@ -546,7 +592,7 @@ class Pool:
             self.terminate()
 
 
-def _feed(core, job, result, func, iterable, chunksize):
+def _feed(core, job, result, func, iterable, chunksize, pack):
     """On an rpool-feed thread: read `imap`'s input and submit it, as the stdlib's task handler."""
     mapper = mapstar if chunksize != 1 else None
     part = 0
@@ -556,7 +602,7 @@ def _feed(core, job, result, func, iterable, chunksize):
             call = (mapper, (func, item), {}) if mapper else (func, (item,), {})
             chunk = item if mapper else (item,)
             try:
-                payload = _dump_task(call, func, functools.partial(_input_items, chunk, part * chunksize))
+                payload = pack(call, func, functools.partial(_input_items, chunk, part * chunksize))
             except Exception as exc:
                 core.fail_part(job, part, _dumps(exc))
             else:
