@@ -259,3 +259,10 @@ def test_exec_start_methods(method):
         assert executor.submit(tasks.process_name).result(timeout=30).startswith(
             {"spawn": "SpawnPoolWorker", "forkserver": "ForkServerPoolWorker"}[method]
         )
+
+
+def test_task_timeout_passes_through_to_the_pool():
+    with rpool.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"), task_timeout=0.3) as executor:
+        with pytest.raises(rpool.TaskTimeoutError):
+            executor.submit(tasks.sleep_and_return, 5, "late").result(timeout=30)
+        assert executor.submit(tasks.square, 6).result(timeout=30) == 36

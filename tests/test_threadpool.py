@@ -190,3 +190,10 @@ def test_threads_exit_after_close_and_join():
     pool.close()
     pool.join()
     assert threading.active_count() == before
+
+
+def test_a_time_limit_is_refused_clearly():
+    with rpool.ThreadPool(1) as pool:
+        with pytest.raises(ValueError, match="cannot limit how long a task runs"):
+            pool.apply(tasks.square, (2,), timeout=1)
+        assert pool.apply(tasks.square, (2,)) == 4
