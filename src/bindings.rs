@@ -69,7 +69,7 @@ impl From<SubmitError> for PyErr {
 /// A result slot, shared with the core. Python's `AsyncResult` wraps one.
 #[pyclass(frozen, module = "rpool._rpool", name = "Job")]
 pub struct PyJob {
-    inner: Arc<job::Job>,
+    pub(crate) inner: Arc<job::Job>,
 }
 
 #[pymethods]
@@ -380,7 +380,7 @@ pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
 
 /// Runs callbacks in the parent, one at a time, with the GIL: `deliver(job_ids)` looks the jobs
 /// up, calls their callbacks (guarded) and marks them ready.
-fn spawn_callbacks_thread(
+pub(crate) fn spawn_callbacks_thread(
     rx: Receiver<Arc<job::Job>>,
     deliver: Py<PyAny>,
 ) -> io::Result<JoinHandle<()>> {

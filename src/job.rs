@@ -274,7 +274,6 @@ impl JobView<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn single_part_job_is_ready_when_its_part_completes() {

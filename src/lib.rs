@@ -1,6 +1,7 @@
 //! rpool's native module `rpool._rpool`: the module list and the exports, nothing else.
 
 pub mod bindings;
+pub mod board;
 pub mod child;
 pub mod forkserver;
 pub mod frame;
@@ -20,6 +21,7 @@ fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bindings::PoolCore>()?;
     m.add_class::<bindings::PyJob>()?;
     m.add_class::<bindings::ThreadCore>()?;
+    m.add_class::<board::JobBoard>()?;
     m.add_function(wrap_pyfunction!(bindings::worker_main, m)?)?;
     m.add_function(wrap_pyfunction!(bindings::forkserver_main, m)?)?;
     Ok(())

@@ -63,3 +63,12 @@ def get_context(method=None):
     if method not in _mp.get_all_start_methods():
         raise ValueError(f"cannot find context for {method!r}")
     return Context(method)
+
+
+def __getattr__(name):
+    # `rpool.distributed` needs Dask, so it is imported on first use, never by `import rpool`.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,7 +39,7 @@ def starmapstar(func, chunk):
     return list(itertools.starmap(func, chunk))
 
 
-def dump_exception(exc):
+def dump_exception(exc, dumps=dumps):
     """Pickle a task's exception with its traceback text (it becomes a RemoteTraceback cause)."""
     try:
         return dumps(ExceptionWithTraceback(exc, exc.__traceback__))
@@ -47,13 +47,16 @@ def dump_exception(exc):
         return dumps(MaybeEncodingError(err, exc))
 
 
-def execute(payload):
-    """Run one pickled `(func, args, kwds)`. Never raises: returns `(ok, pickled result)`."""
+def execute(payload, dumps=dumps):
+    """Run one pickled `(func, args, kwds)`. Never raises: returns `(ok, pickled result)`.
+
+    `dumps` pickles the result or exception (rpool.distributed passes cloudpickle's).
+    """
     try:
         func, args, kwds = pickle.loads(payload)
         result = func(*args, **kwds)
     except BaseException as exc:  # SystemExit too: the task fails, the worker lives on
-        return False, dump_exception(exc)
+        return False, dump_exception(exc, dumps)
     try:
         return True, dumps(result)
     except Exception as exc:

@@ -332,16 +332,16 @@ _short_repr = reprlib.Repr()
 _short_repr.maxother = _short_repr.maxstring = 120
 
 
-def _dump_task(call, func, parts):
-    """Pickle `call` for a worker. If it cannot be, find which of the function and `parts()`
-    (`(what, object)` pairs: the arguments or input items) is to blame, and say so."""
+def _dump_task(call, func, parts, dumps=_dumps):
+    """Pickle `call` for a worker with `dumps`. If it cannot be, find which of the function and
+    `parts()` (`(what, object)` pairs: the arguments or input items) is to blame, and say so."""
     try:
-        return _dumps(call)
+        return dumps(call)
     except Exception as exc:
         culprit = "the task"
         for what, obj in [("the function", func), *parts()]:
             try:
-                _dumps(obj)
+                dumps(obj)
             except Exception:
                 culprit = f"{what} {_short_repr.repr(obj)}"
                 break
