@@ -61,6 +61,8 @@ NOT_ON_DASK = {
     # The workers started before the test changed its environment and cwd.
     "test_workers_inherit_environment_and_cwd": "workers outlive the test",
     "test_workers_see_parent_sys_path": "workers outlive the test",
+    # 3000 one-item tasks: Dask's overhead is milliseconds per task, so this takes many seconds.
+    "test_imap_unordered_many_items": "slow by design on Dask; chunked imap is tested",
     # processes=None means one worker per CPU on this machine: too slow to start on big machines.
     "test_processes_none_uses_cpu_count": "starts a cluster of cpu_count workers",
 }
@@ -262,18 +264,19 @@ def test_terminate_on_borrowed_client_cancels_queued_tasks(dask_client, tmp_path
     results = [pool.apply_async(dask_tasks.sleep_then_touch, (str(tmp_path), str(i), 0.5)) for i in range(8)]
     results[0].wait(timeout=T)
     pool.terminate()
+    done_before = len(list(tmp_path.iterdir()))
     pool.join()
-    finished = terminated = 0
+    terminated = 0
     for r in results:
         try:
             r.get(timeout=0)
-            finished += 1
         except rpool.PoolTerminatedError:
             terminated += 1
-    assert finished + terminated == 8 and terminated >= 4
-    # Tasks that were running finish on their own (Dask cannot stop them); queued ones never start.
-    time.sleep(1.2)
-    assert len(list(tmp_path.iterdir())) <= finished + SESSION_WORKERS
+    assert terminated >= 4
+    # Tasks that were running finish on their own (Dask cannot stop them), the queued ones never
+    # start: uncancelled, all 8 would have run within 2 s on the 2 workers.
+    time.sleep(2.5)
+    assert len(list(tmp_path.iterdir())) <= done_before + SESSION_WORKERS < 8
 
 
 def _listening_addresses():

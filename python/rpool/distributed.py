@@ -19,6 +19,7 @@ script itself reach workers on other machines; results and exceptions come back 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -50,7 +51,7 @@ _TERMINATED_MESSAGE = "the pool was terminated before this task finished"
 _CANCELLED_MESSAGE = "the task was cancelled on the Dask cluster (client.cancel, restart or shutdown)"
 
 # How many chunks of one imap/imap_unordered may be submitted and unfinished, per worker slot.
-_IMAP_CHUNKS_PER_SLOT = 2
+_IMAP_CHUNKS_PER_SLOT = 4
 
 
 def _cloud_dumps(obj):
@@ -202,7 +203,7 @@ class _DaskCore:
                 _log.debug("rpool: could not cancel tasks on the Dask cluster", exc_info=True)
         for _, job, part in pending:
             self._board.settle(job, part, _TERMINATED, _TERMINATED_MESSAGE)
-        self._release()
+        self._release(kill_workers=True)
 
     def join(self, timeout=None):
         """Wait until every task was settled and its callbacks ran, then let go of the cluster."""
@@ -265,8 +266,9 @@ class _DaskCore:
 
     # --- shutdown ---------------------------------------------------------------------------
 
-    def _release(self):
-        """Stop the collector and callbacks threads, then close what this pool opened (once)."""
+    def _release(self, kill_workers=False):
+        """Stop the collector and callbacks threads, then close what this pool opened (once).
+        `kill_workers`: stop an owned cluster's busy workers now rather than after Dask's grace."""
         with self._changed:
             if self._released:
                 return
@@ -281,9 +283,17 @@ class _DaskCore:
             if self._owns_client:
                 self._client.close()
             if self._cluster is not None:
+                if kill_workers:
+                    self._cluster.sync(_kill_workers, list(self._cluster.workers.values()))
                 self._cluster.close()
         except Exception:
             _log.warning("rpool: error while letting go of the Dask cluster", exc_info=True)
+
+
+async def _kill_workers(nannies):
+    """Close a LocalCluster's nannies, giving their worker processes 0.2 s to stop before
+    SIGKILL (a nanny closing itself waits 4 s for a running task, which terminate must not)."""
+    await asyncio.gather(*(n.close(timeout=0.25, reason="rpool-terminate") for n in nannies), return_exceptions=True)
 
 
 class Pool(_LocalPool):
@@ -307,6 +317,8 @@ class Pool(_LocalPool):
     def __init__(self, client_or_address=None, processes=None, initializer=None, initargs=(), maxtasksperchild=None):
         self._state = "INIT"
         self._cache = {}
+        # What rpool.Pool's per-call `timeout=` falls back to; a Dask task cannot be given one.
+        self._task_timeout = None
         if maxtasksperchild is not None:
             raise ValueError(
                 "rpool.distributed.Pool does not support maxtasksperchild: Dask workers are not "
