@@ -66,6 +66,17 @@ impl From<SubmitError> for PyErr {
     }
 }
 
+/// A task time limit given in seconds from Python.
+pub(crate) fn time_limit(timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    match timeout {
+        Some(t) if !(t > 0.0 && t < 1e9) => Err(PyValueError::new_err(format!(
+            "a task time limit must be a positive number of seconds, not {t}"
+        ))),
+        Some(t) => Ok(Some(Duration::from_secs_f64(t))),
+        None => Ok(None),
+    }
+}
+
 /// A result slot, shared with the core. Python's `AsyncResult` wraps one.
 #[pyclass(frozen, module = "rpool._rpool", name = "Job")]
 pub struct PyJob {
@@ -154,6 +165,17 @@ impl PyJob {
 
     fn mark_ready(&self) {
         self.inner.mark_ready();
+    }
+
+    /// Seconds each part may run, if limited.
+    #[getter]
+    fn time_limit(&self) -> Option<f64> {
+        self.inner.time_limit.map(|d| d.as_secs_f64())
+    }
+
+    /// How messages name part `part` (`module.function (chunk 2 of 5)`).
+    fn describe_part(&self, part: usize) -> String {
+        self.inner.describe_part(part)
     }
 }
 
@@ -538,15 +560,7 @@ impl PoolCore {
         label: String,
         timeout: Option<f64>,
     ) -> PyResult<PyJob> {
-        let limit = match timeout {
-            Some(t) if !(t > 0.0 && t < 1e9) => {
-                return Err(PyValueError::new_err(format!(
-                    "a task time limit must be a positive number of seconds, not {t}"
-                )))
-            }
-            Some(t) => Some(Duration::from_secs_f64(t)),
-            None => None,
-        };
+        let limit = time_limit(timeout)?;
         Ok(PyJob {
             inner: self
                 .core

@@ -3,7 +3,7 @@
 //! the same `take()` encoding, waits and callbacks thread as `PoolCore`'s, so `ApplyResult`,
 //! `MapResult` and `IMapIterator` behave the same over both.
 
-use crate::bindings::{spawn_callbacks_thread, PyJob};
+use crate::bindings::{self, spawn_callbacks_thread, PyJob};
 use crate::job::{self, Job, Outcome};
 use crossbeam::channel::{unbounded, Sender};
 use pyo3::exceptions::PyValueError;
@@ -47,26 +47,36 @@ impl JobBoard {
         })
     }
 
-    /// A new result slot with `total` parts (`None`: parts are added until `seal`).
-    #[pyo3(signature = (total, has_callbacks))]
-    fn new_job(&self, total: Option<usize>, has_callbacks: bool) -> PyJob {
+    /// A new result slot with `total` parts (`None`: parts are added until `seal`), named
+    /// `label` in messages, each part limited to `time_limit` seconds (enforced by the caller).
+    #[pyo3(signature = (total, has_callbacks, label=String::new(), time_limit=None))]
+    fn new_job(
+        &self,
+        total: Option<usize>,
+        has_callbacks: bool,
+        label: String,
+        time_limit: Option<f64>,
+    ) -> PyResult<PyJob> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        PyJob {
-            inner: Arc::new(Job::new(id, total, has_callbacks)),
-        }
+        let job =
+            Job::new(id, total, has_callbacks).described(label, bindings::time_limit(time_limit)?);
+        Ok(PyJob {
+            inner: Arc::new(job),
+        })
     }
 
     /// Record how part `part` ended, in `take()`'s encoding: kind 0 value and 1 raised carry
-    /// pickled bytes, 2 worker lost and 3 terminated a message. The first outcome of a part wins.
+    /// pickled bytes, 2 worker lost, 3 terminated and 4 timed out a message. The first outcome of a part wins.
     fn settle(&self, job: &PyJob, part: usize, kind: u8, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let outcome = match kind {
             0 => Outcome::Value(data.downcast::<PyBytes>()?.as_bytes().to_vec()),
             1 => Outcome::Raised(data.downcast::<PyBytes>()?.as_bytes().to_vec()),
             2 => Outcome::WorkerLost(data.extract()?),
             3 => Outcome::Terminated(data.extract()?),
+            4 => Outcome::TimedOut(data.extract()?),
             _ => {
                 return Err(PyValueError::new_err(format!(
-                    "outcome kind must be 0, 1, 2 or 3, not {kind}"
+                    "outcome kind must be 0 to 4, not {kind}"
                 )))
             }
         };

@@ -35,3 +35,9 @@ def worker_address(_=None):
 def fresh_token(_=None):
     """Different on every call: two runs of the same call give two tokens."""
     return os.urandom(16).hex()
+
+
+def spin_forever(_=None):
+    """Pure Python that never returns: only an exception raised in its thread stops it."""
+    while True:
+        pass

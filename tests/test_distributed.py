@@ -147,6 +147,11 @@ def test_rpool_distributed_is_reachable_as_an_attribute():
 
 
 # --------------------------------------------------------------- arguments
+def test_task_timeout_must_be_positive(dask_client):
+    with pytest.raises(ValueError, match="task_timeout"):
+        rpool.distributed.Pool(dask_client, task_timeout=0)
+
+
 def test_maxtasksperchild_is_refused(dask_client):
     with pytest.raises(ValueError, match="maxtasksperchild"):
         rpool.distributed.Pool(dask_client, maxtasksperchild=10)
@@ -235,6 +240,31 @@ def test_worker_killed_mid_task_gives_worker_lost_error(make_pool):
     pool.client.wait_for_workers(SESSION_WORKERS, timeout=T)
     assert set(pool.client.run(tasks.get_init_value).values()) == {"set"}
     assert pool.map(tasks.get_init_value, range(4), chunksize=1) == ["set"] * 4
+
+
+def test_timeout_fails_the_task_when_its_limit_passes(make_pool):
+    pool = make_pool()
+    # The task would sleep 2 s in C; the error comes at the deadline, before that.
+    result = pool.apply_async(tasks.sleep_and_return, (2, "late"), timeout=0.3)
+    with pytest.raises(rpool.TaskTimeoutError, match="ran past its time limit of 0.3 s"):
+        result.get(timeout=1.5)
+    assert pool.apply(tasks.square, (3,), timeout=10) == 9
+    assert pool.map(tasks.square, range(6), timeout=10) == [0, 1, 4, 9, 16, 25]
+    with pytest.raises(rpool.TaskTimeoutError, match=r"chunk 2 of 3"):
+        pool.map(tasks.sleep_and_return, [0.01, 1.5, 0.01], chunksize=1, timeout=0.3)
+
+
+def test_timeout_stops_python_code_on_the_worker(make_pool):
+    pool = make_pool(task_timeout=0.3)
+    for _ in range(SESSION_WORKERS):
+        with pytest.raises(rpool.TaskTimeoutError):
+            pool.apply(dask_tasks.spin_forever)
+    # Both single-threaded workers would spin forever had rpool not stopped the loops.
+    for _ in range(10):
+        pids = pool.map_async(tasks.sleep_getpid, [0.2, 0.2], chunksize=1).get(timeout=T)
+        if len(set(pids)) == 2:
+            break
+    assert len(set(pids)) == 2
 
 
 def test_borrowed_client_is_never_closed(dask_client):

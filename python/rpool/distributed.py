@@ -20,11 +20,14 @@ script itself reach workers on other machines; results and exceptions come back 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
+import heapq
 import logging
 import os
 import queue
 import threading
+import time
 import uuid
 
 try:
@@ -37,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import _rpool
 from ._worker import execute
-from .pool import CLOSE, RUN, TERMINATE, _deliver, _dump_task, _live_pools
+from .pool import CLOSE, RUN, TERMINATE, TaskTimeoutError, _check_seconds, _deliver, _dump_task, _live_pools
 from .pool import Pool as _LocalPool
 
 __all__ = ["Pool"]
@@ -45,7 +48,7 @@ __all__ = ["Pool"]
 _log = logging.getLogger("rpool")
 
 # Outcome kinds of JobBoard.settle (the encoding of PyJob.take).
-_VALUE, _RAISED, _LOST, _TERMINATED = 0, 1, 2, 3
+_VALUE, _RAISED, _LOST, _TERMINATED, _TIMED_OUT = 0, 1, 2, 3, 4
 
 _TERMINATED_MESSAGE = "the pool was terminated before this task finished"
 _CANCELLED_MESSAGE = "the task was cancelled on the Dask cluster (client.cancel, restart or shutdown)"
@@ -58,9 +61,59 @@ def _cloud_dumps(obj):
     return cloudpickle.dumps(obj, protocol=5)
 
 
-def _run_part(payload):
-    """On a Dask worker: run one pickled `(func, args, kwds)`; returns `(ok, pickled result)`."""
-    return execute(payload, _cloud_dumps)
+def _run_part(payload, time_limit=None, started_topic=None):
+    """On a Dask worker: run one pickled `(func, args, kwds)`; returns `(ok, pickled result)`.
+
+    With a `time_limit`, tell the parent the clock started (an event on `started_topic`), and
+    once the limit passes raise in this thread until the task gives up: Dask cannot kill a task,
+    and its worker may be running others. Code blocked in C finishes that call first.
+    """
+    if time_limit is None:
+        return execute(payload, _cloud_dumps)
+    worker = distributed.get_worker()
+    worker.log_event(started_topic, worker.get_current_task())
+    deadline = _Deadline(threading.get_ident())
+    timer = threading.Timer(time_limit, deadline.interrupt)
+    timer.daemon = True
+    timer.start()
+    try:
+        try:
+            outcome = execute(payload, _cloud_dumps)
+        finally:
+            timer.cancel()
+            deadline.disarm()
+    except _DeadlinePassed:
+        pass
+    if deadline.passed:
+        message = f"the task ran past its time limit of {time_limit:g} s; rpool interrupted it on its Dask worker"
+        return False, _cloud_dumps(TaskTimeoutError(message))
+    return outcome
+
+
+class _DeadlinePassed(BaseException):
+    """Raised in a Dask task's thread when its time limit passes (not an Exception, so that
+    the task's own `except Exception` does not swallow it)."""
+
+
+class _Deadline:
+    def __init__(self, thread_id):
+        self._thread_id = ctypes.c_ulong(thread_id)
+        self._lock = threading.Lock()
+        self._armed = True
+        self.passed = False
+
+    def interrupt(self):
+        with self._lock:
+            if self._armed:
+                self.passed = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(self._thread_id, ctypes.py_object(_DeadlinePassed))
+
+    def disarm(self):
+        with self._lock:
+            self._armed = False
+            if self.passed:
+                # Withdraw the exception if the thread has not met it yet.
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(self._thread_id, None)
 
 
 class _RunInitializer(distributed.WorkerPlugin):
@@ -132,6 +185,9 @@ class _DaskCore:
         # id of an open (imap) job -> how many of its parts are pending.
         self._open_jobs = {}
         self._finished = queue.SimpleQueue()
+        # Tasks with a time limit say on this topic when they start; the clock runs from then.
+        self._started_topic = f"rpool-started-{uuid.uuid4().hex}"
+        client.subscribe_topic(self._started_topic, self._on_started)
         self._collector = threading.Thread(target=self._collect, name="rpool-dask-collect", daemon=True)
         self._collector.start()
 
@@ -142,18 +198,15 @@ class _DaskCore:
 
     # --- what rpool.Pool calls ----------------------------------------------------------------
 
-    def new_job(self, total, has_callbacks, label=None, time_limit=None):
-        if time_limit is not None:
-            raise ValueError(
-                "rpool.distributed.Pool cannot limit how long a task runs: Dask cannot stop a running task"
-            )
-        job = self._board.new_job(total, has_callbacks)
+    def new_job(self, total, has_callbacks, label="", time_limit=None):
+        job = self._board.new_job(total, has_callbacks, label, time_limit)
         if total is None:
             with self._changed:
                 self._open_jobs[job.id] = 0
         return job
 
     def submit(self, job, part, payload):
+        limit = job.time_limit
         key = f"rpool-{uuid.uuid4().hex}"
         with self._changed:
             # An imap feeder waits here while its job has as many chunks in flight as allowed.
@@ -166,7 +219,11 @@ class _DaskCore:
             if job.id in self._open_jobs:
                 self._open_jobs[job.id] += 1
         # The slot holds the future until the task is settled: Dask forgets unreferenced tasks.
-        slot[0] = future = self._client.submit(_run_part, payload, key=key, pure=False)
+        if limit is None:
+            future = self._client.submit(_run_part, payload, key=key, pure=False)
+        else:
+            future = self._client.submit(_run_part, payload, limit, self._started_topic, key=key, pure=False)
+        slot[0] = future
         future.add_done_callback(self._finished.put)
         if self._state == TERMINATE:
             future.cancel()
@@ -215,27 +272,66 @@ class _DaskCore:
 
     # --- results --------------------------------------------------------------------------
 
+    def _on_started(self, event):
+        """On the client's event loop: a task with a time limit started on its worker."""
+        self._finished.put(event[1])
+
     def _collect(self):
-        """On rpool-dask-collect: settle finished tasks, fetching their results in batches."""
+        """On rpool-dask-collect: settle tasks that finished, fetching their results in batches,
+        and tasks that ran past their time limit. Its queue brings finished futures, keys of
+        timed tasks that started, and None to stop."""
+        deadlines = []  # heap of (time.monotonic() deadline, key)
         while True:
-            batch = [self._finished.get()]
+            wait = max(0.0, deadlines[0][0] - time.monotonic()) if deadlines else None
+            try:
+                items = [self._finished.get(timeout=wait)]
+            except queue.Empty:
+                items = []
             while True:
                 try:
-                    batch.append(self._finished.get_nowait())
+                    items.append(self._finished.get_nowait())
                 except queue.Empty:
                     break
-            if any(future is None for future in batch):
+            if any(item is None for item in items):
                 return
+            now = time.monotonic()
             with self._changed:
-                batch = [(future, self._pending.get(future.key)) for future in batch]
-            batch = [(future, slot) for future, slot in batch if slot is not None]
-            for (future, (_, job, part)), (kind, data) in zip(batch, self._outcomes(batch)):
-                self._board.settle(job, part, kind, data)
-                with self._changed:
-                    self._pending.pop(future.key, None)
-                    if job.id in self._open_jobs:
-                        self._open_jobs[job.id] -= 1
-                    self._changed.notify_all()
+                for key in (item for item in items if isinstance(item, str)):
+                    if key in self._pending:
+                        heapq.heappush(deadlines, (now + self._pending[key][1].time_limit, key))
+                finished = [(f, self._pending.get(f.key)) for f in items if not isinstance(f, str)]
+            finished = [(future, slot) for future, slot in finished if slot is not None]
+            for (future, _), outcome in zip(finished, self._outcomes(finished)):
+                self._settle(future.key, *outcome)
+            while deadlines and deadlines[0][0] <= time.monotonic():
+                self._time_out(heapq.heappop(deadlines)[1])
+
+    def _settle(self, key, kind, data):
+        """File task `key`'s outcome (the first one wins) and forget the task."""
+        with self._changed:
+            slot = self._pending.get(key)
+        if slot is None:
+            return
+        _, job, part = slot
+        self._board.settle(job, part, kind, data)
+        with self._changed:
+            if self._pending.pop(key, None) is not None and job.id in self._open_jobs:
+                self._open_jobs[job.id] -= 1
+            self._changed.notify_all()
+
+    def _time_out(self, key):
+        with self._changed:
+            slot = self._pending.get(key)
+        if slot is None:
+            return
+        future, job, part = slot
+        message = (
+            f"{job.describe_part(part)} ran past its time limit of {job.time_limit:g} s on the Dask "
+            "cluster; Dask cannot kill a task, so rpool interrupts its Python code on the worker "
+            "(code blocked in C finishes that call first)"
+        )
+        self._settle(key, _TIMED_OUT, message)
+        future.cancel()
 
     def _outcomes(self, batch):
         """`(kind, data)` for each `(future, slot)`: one gather for the tasks that finished."""
@@ -278,8 +374,10 @@ class _DaskCore:
             self._collector.join()
         self._board.close()
         try:
-            if self._plugin is not None and not self._owns_client:
-                self._client.unregister_worker_plugin(self._plugin)
+            if not self._owns_client:
+                self._client.unsubscribe_topic(self._started_topic)
+                if self._plugin is not None:
+                    self._client.unregister_worker_plugin(self._plugin)
             if self._owns_client:
                 self._client.close()
             if self._cluster is not None:
@@ -310,15 +408,29 @@ class Pool(_LocalPool):
 
     `initializer(*initargs)` runs once in every worker process, also in workers that join or
     restart later. `maxtasksperchild` cannot be honoured by Dask and is refused.
+
+    `timeout=` on a call (or `task_timeout` for the pool) limits how long each task or chunk may
+    run, counted from when it starts on its worker: past it, the result raises
+    `rpool.TaskTimeoutError` at once. Dask cannot kill a task (its worker may be running others),
+    so rpool raises an exception in the task's thread instead: Python code stops there, code
+    blocked in C (a long sleep, I/O, a NumPy call) finishes that call first.
     """
 
     _pack = staticmethod(functools.partial(_dump_task, dumps=_cloud_dumps))
 
-    def __init__(self, client_or_address=None, processes=None, initializer=None, initargs=(), maxtasksperchild=None):
+    def __init__(
+        self,
+        client_or_address=None,
+        processes=None,
+        initializer=None,
+        initargs=(),
+        maxtasksperchild=None,
+        *,
+        task_timeout=None,
+    ):
         self._state = "INIT"
         self._cache = {}
-        # What rpool.Pool's per-call `timeout=` falls back to; a Dask task cannot be given one.
-        self._task_timeout = None
+        self._task_timeout = _check_seconds(task_timeout, "task_timeout")
         if maxtasksperchild is not None:
             raise ValueError(
                 "rpool.distributed.Pool does not support maxtasksperchild: Dask workers are not "
