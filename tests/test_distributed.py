@@ -152,9 +152,11 @@ def test_task_timeout_must_be_positive(dask_client):
         rpool.distributed.Pool(dask_client, task_timeout=0)
 
 
-def test_maxtasksperchild_is_refused(dask_client):
+def test_maxtasksperchild_and_max_memory_per_child_are_refused(dask_client):
     with pytest.raises(ValueError, match="maxtasksperchild"):
         rpool.distributed.Pool(dask_client, maxtasksperchild=10)
+    with pytest.raises(ValueError, match="max_memory_per_child"):
+        rpool.distributed.Pool(dask_client, max_memory_per_child=1 << 30)
 
 
 def test_a_number_as_first_argument_is_refused_with_a_hint():
@@ -287,6 +289,14 @@ def test_borrowed_client_initializer_is_unregistered(dask_client):
     pool.close()
     pool.join()
     assert not any(name.startswith("rpool-initializer-") for name in plugins())
+
+
+def test_failing_initializer_fails_the_pool_and_leaves_no_plugin(dask_client):
+    with pytest.raises(RuntimeError, match="cannot reach its database"):
+        rpool.distributed.Pool(dask_client, initializer=tasks.failing_initializer)
+    plugins = dask_client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.worker_plugins))
+    assert not any(name.startswith("rpool-initializer-") for name in plugins)
+    assert dask_client.submit(tasks.square, 4, pure=False).result(timeout=T) == 16
 
 
 def test_terminate_on_borrowed_client_cancels_queued_tasks(dask_client, tmp_path):

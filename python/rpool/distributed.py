@@ -192,9 +192,10 @@ class _DaskCore:
         self._collector.start()
 
     def add_initializer(self, initializer, initargs):
-        name = f"rpool-initializer-{uuid.uuid4().hex}"
-        self._client.register_plugin(_RunInitializer(initializer, tuple(initargs)), name=name)
-        self._plugin = name
+        """Run `initializer` in every worker; raises what it raised if it fails on any of them."""
+        # Named first: the scheduler keeps the plugin even when a worker's setup fails.
+        self._plugin = f"rpool-initializer-{uuid.uuid4().hex}"
+        self._client.register_plugin(_RunInitializer(initializer, tuple(initargs)), name=self._plugin)
 
     # --- what rpool.Pool calls ----------------------------------------------------------------
 
@@ -373,19 +374,22 @@ class _DaskCore:
         if self._collector is not threading.current_thread():
             self._collector.join()
         self._board.close()
-        try:
-            if not self._owns_client:
-                self._client.unsubscribe_topic(self._started_topic)
-                if self._plugin is not None:
-                    self._client.unregister_worker_plugin(self._plugin)
-            if self._owns_client:
-                self._client.close()
-            if self._cluster is not None:
-                if kill_workers:
-                    self._cluster.sync(_kill_workers, list(self._cluster.workers.values()))
-                self._cluster.close()
-        except Exception:
-            _log.warning("rpool: error while letting go of the Dask cluster", exc_info=True)
+        steps = []
+        if self._owns_client:
+            steps.append(self._client.close)
+        else:
+            steps.append(functools.partial(self._client.unsubscribe_topic, self._started_topic))
+            if self._plugin is not None:
+                steps.append(functools.partial(self._client.unregister_worker_plugin, self._plugin))
+        if self._cluster is not None:
+            if kill_workers:
+                steps.append(functools.partial(self._cluster.sync, _kill_workers, list(self._cluster.workers.values())))
+            steps.append(self._cluster.close)
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                _log.warning("rpool: error while letting go of the Dask cluster", exc_info=True)
 
 
 async def _kill_workers(nannies):
@@ -427,10 +431,16 @@ class Pool(_LocalPool):
         maxtasksperchild=None,
         *,
         task_timeout=None,
+        max_memory_per_child=None,
     ):
         self._state = "INIT"
         self._cache = {}
         self._task_timeout = _check_seconds(task_timeout, "task_timeout")
+        if max_memory_per_child is not None:
+            raise ValueError(
+                "rpool.distributed.Pool does not support max_memory_per_child: give the Dask "
+                "workers a memory_limit instead (Dask restarts a worker that exceeds it)"
+            )
         if maxtasksperchild is not None:
             raise ValueError(
                 "rpool.distributed.Pool does not support maxtasksperchild: Dask workers are not "
