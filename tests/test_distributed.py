@@ -371,6 +371,21 @@ def _alive(pid):
     return True
 
 
+def test_pool_left_open_at_exit_is_terminated_quietly(tmp_path):
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "import rpool.distributed, tasks\n"
+        "if __name__ == '__main__':\n"
+        "    pool = rpool.distributed.Pool(processes=1)\n"
+        "    print(pool.apply(tasks.square, (7,)))\n"
+        "    pending = pool.apply_async(tasks.sleep_and_return, (60,))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=T, env=env, cwd=tmp_path)
+    assert (out.returncode, out.stdout) == (0, "49\n"), out.stderr
+    assert "Traceback" not in out.stderr and " ERROR " not in out.stderr, out.stderr
+
+
 # --------------------------------------------------------------- a cluster started with the dask CLI
 @pytest.fixture
 def cli_cluster(tmp_path):

@@ -12,6 +12,8 @@ sends back, and the parent files it into a `JobBoard` (Rust, `src/board.rs`) res
         └─► _DaskCore.submit ──client.submit──► Dask worker: _run_part(payload) -> (ok, bytes)
     Future done ─► Dask's callback thread ─► queue ─► rpool-dask-collect: gather a batch,
         JobBoard.settle(job, part, ...) ─► rpool-callbacks (callbacks, one at a time) ─► ready
+    a task with a time limit starts ─► Dask event ─► same queue: rpool-dask-collect settles it
+        as timed out at its deadline (and the worker interrupts the task's thread)
 
 Functions and arguments are pickled with cloudpickle (as Dask does), so functions defined in the
 script itself reach workers on other machines; results and exceptions come back the same way.
@@ -40,15 +42,13 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import _rpool
 from ._worker import execute
-from .pool import CLOSE, RUN, TERMINATE, TaskTimeoutError, _check_seconds, _deliver, _dump_task, _live_pools
+from .pool import _LOST, _RAISED, _TERMINATED, _TIMED_OUT, _VALUE, CLOSE, RUN, TERMINATE, TaskTimeoutError
+from .pool import _check_seconds, _deliver, _dump_task, _live_pools
 from .pool import Pool as _LocalPool
 
 __all__ = ["Pool"]
 
 _log = logging.getLogger("rpool")
-
-# Outcome kinds of JobBoard.settle (the encoding of PyJob.take).
-_VALUE, _RAISED, _LOST, _TERMINATED, _TIMED_OUT = 0, 1, 2, 3, 4
 
 _TERMINATED_MESSAGE = "the pool was terminated before this task finished"
 _CANCELLED_MESSAGE = "the task was cancelled on the Dask cluster (client.cancel, restart or shutdown)"
@@ -473,3 +473,14 @@ class Pool(_LocalPool):
     def client(self):
         """The `distributed.Client` this pool submits to."""
         return self._core._client
+
+
+def _terminate_open_pools():
+    for pool in list(_live_pools):
+        if isinstance(pool, Pool):
+            pool.terminate()
+
+
+# A pool left open is terminated at exit before concurrent.futures shuts its executors down (Dask
+# runs future callbacks on one), which happens before atexit handlers run: the same hook as theirs.
+threading._register_atexit(_terminate_open_pools)
