@@ -65,8 +65,8 @@ def _run_part(payload, time_limit=None, started_topic=None):
     """On a Dask worker: run one pickled `(func, args, kwds)`; returns `(ok, pickled result)`.
 
     With a `time_limit`, tell the parent the clock started (an event on `started_topic`), and
-    once the limit passes raise in this thread until the task gives up: Dask cannot kill a task,
-    and its worker may be running others. Code blocked in C finishes that call first.
+    when the limit passes raise `_DeadlinePassed` in this thread: Dask cannot kill a task, and
+    its worker may be running others. Code blocked in C meets the exception once that call returns.
     """
     if time_limit is None:
         return execute(payload, _cloud_dumps)
@@ -96,6 +96,8 @@ class _DeadlinePassed(BaseException):
 
 
 class _Deadline:
+    """Raises `_DeadlinePassed` in one thread when `interrupt` is called, unless disarmed first."""
+
     def __init__(self, thread_id):
         self._thread_id = ctypes.c_ulong(thread_id)
         self._lock = threading.Lock()
