@@ -204,6 +204,11 @@ class NeedsTwoArgsError(Exception):
         super().__init__(a)
         self.b = b
 
+    def __reduce__(self):
+        # What BaseException.__reduce__ gives, written out: otherwise importing Dask (tblib's
+        # pickling support) teaches every exception class that exists then to rebuild itself.
+        return type(self), self.args
+
 
 def raise_needs_two_args_error(_=None):
     raise NeedsTwoArgsError("first", "second")
