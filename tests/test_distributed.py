@@ -2,7 +2,7 @@
 
 The behaviour suite of `rpool.Pool` (test_basic, test_callbacks, test_errors, test_lifecycle,
 test_chunking) runs here a second time with `make_pool` building distributed pools: those of
-2 processes borrow one local cluster of 2 worker processes started once per session; other
+2 processes borrow one local cluster of 2 worker processes started once for this module; other
 sizes start (and own) a cluster of their own. Tests that cannot apply to a Dask cluster are
 listed in NOT_ON_DASK with the reason. Then come tests of what is specific to Dask.
 """
@@ -83,10 +83,11 @@ _reuse_behaviour_tests()
 SESSION_WORKERS = 2
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dask_client():
-    """One loopback cluster of 2 worker processes for the whole session. Dask gives up on a
-    task after its second worker dies (allowed_failures=1) to keep the worker-death tests short."""
+    """One loopback cluster of 2 worker processes for this module (so, once per session; it is
+    gone before other modules count child processes). Dask gives up on a task after its second
+    worker dies (allowed_failures=1) to keep the worker-death tests short."""
     cluster = rpool.distributed._local_cluster(SESSION_WORKERS, scheduler_kwargs={"allowed_failures": 1})
     client = distributed.Client(cluster, set_as_default=False)
     try:
