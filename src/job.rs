@@ -324,6 +324,25 @@ mod tests {
     }
 
     #[test]
+    fn hand_to_callbacks_marks_ready_only_when_no_thread_will() {
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let job = Arc::new(Job::new(1, Some(1), true));
+        hand_to_callbacks(&job, Some(tx.clone()));
+        assert!(
+            !job.is_ready(),
+            "the callbacks thread marks it ready after the callback"
+        );
+        assert_eq!(rx.try_recv().map(|j| j.id).ok(), Some(1));
+        let skipped = Arc::new(Job::new(2, Some(1), true));
+        hand_to_callbacks(&skipped, None);
+        assert!(skipped.is_ready());
+        drop(rx);
+        let orphan = Arc::new(Job::new(3, Some(1), true));
+        hand_to_callbacks(&orphan, Some(tx));
+        assert!(orphan.is_ready(), "no callbacks thread is left to mark it");
+    }
+
+    #[test]
     fn waiters_wake_when_a_part_completes_on_another_thread() {
         let job = Arc::new(Job::new(1, Some(1), false));
         let j = job.clone();
