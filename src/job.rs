@@ -274,6 +274,7 @@ impl JobView<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn single_part_job_is_ready_when_its_part_completes() {
@@ -324,21 +325,22 @@ mod tests {
     }
 
     #[test]
-    fn hand_to_callbacks_marks_ready_only_when_no_thread_will() {
+    fn deliver_marks_ready_only_when_no_callbacks_thread_will() {
         let (tx, rx) = crossbeam::channel::unbounded();
+        let callbacks = Mutex::new(Some(tx));
         let job = Arc::new(Job::new(1, Some(1), true));
-        hand_to_callbacks(&job, Some(tx.clone()));
+        deliver(&callbacks, &job, false);
         assert!(
             !job.is_ready(),
             "the callbacks thread marks it ready after the callback"
         );
         assert_eq!(rx.try_recv().map(|j| j.id).ok(), Some(1));
         let skipped = Arc::new(Job::new(2, Some(1), true));
-        hand_to_callbacks(&skipped, None);
-        assert!(skipped.is_ready());
+        deliver(&callbacks, &skipped, true);
+        assert!(skipped.is_ready(), "no callbacks after terminate");
         drop(rx);
         let orphan = Arc::new(Job::new(3, Some(1), true));
-        hand_to_callbacks(&orphan, Some(tx));
+        deliver(&callbacks, &orphan, false);
         assert!(orphan.is_ready(), "no callbacks thread is left to mark it");
     }
 
