@@ -422,6 +422,8 @@ class Pool(_LocalPool):
     blocked in C (a long sleep, I/O, a NumPy call) finishes that call first.
     """
 
+    # Tasks travel with cloudpickle, so that functions defined in the user's script reach workers
+    # that never imported it.
     _pack = staticmethod(functools.partial(_dump_task, dumps=_cloud_dumps))
 
     def __init__(
