@@ -263,7 +263,8 @@ class _DaskCore:
                 _log.debug("rpool: could not cancel tasks on the Dask cluster", exc_info=True)
         for _, job, part in pending:
             self._board.settle(job, part, _TERMINATED, _TERMINATED_MESSAGE)
-        self._release(kill_workers=True)
+        # Idle workers stop on their own quickly; busy ones would get 4 s of grace from Dask.
+        self._release(kill_workers=bool(pending))
 
     def join(self, timeout=None):
         """Wait until every task was settled and its callbacks ran, then let go of the cluster."""
