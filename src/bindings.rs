@@ -167,6 +167,12 @@ impl PyJob {
         self.inner.mark_ready();
     }
 
+    /// What the job runs (`module.function`), or "".
+    #[getter]
+    fn label(&self) -> &str {
+        &self.inner.label
+    }
+
     /// Seconds each part may run, if limited.
     #[getter]
     fn time_limit(&self) -> Option<f64> {

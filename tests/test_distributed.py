@@ -180,7 +180,10 @@ def _chunk_sizes(keys):
 def test_chunks_follow_stdlib_rule(make_pool):
     pool = make_pool()
     # stdlib rule with 2 processes: 9 items -> chunks of ceil(9 / 8) = 2
-    assert _chunk_sizes(pool.map(dask_tasks.task_key, range(9))) == [2, 2, 2, 2, 1]
+    keys = pool.map(dask_tasks.task_key, range(9))
+    assert _chunk_sizes(keys) == [2, 2, 2, 2, 1]
+    # Dask keys carry the function's name, as Dask's own do.
+    assert all(key.startswith("dask_tasks.task_key-") for key in keys)
     assert _chunk_sizes(pool.map(dask_tasks.task_key, range(9), chunksize=4)) == [4, 4, 1]
     assert _chunk_sizes(pool.starmap(dask_tasks.task_key, [(i,) for i in range(5)], chunksize=2)) == [2, 2, 1]
     assert _chunk_sizes(list(pool.imap(dask_tasks.task_key, range(4)))) == [1, 1, 1, 1]

@@ -210,7 +210,8 @@ class _DaskCore:
 
     def submit(self, job, part, payload):
         limit = job.time_limit
-        key = f"rpool-{uuid.uuid4().hex}"
+        # Named after the function, as Dask names its own tasks (its dashboard groups by prefix).
+        key = f"{job.label or 'rpool'}-{uuid.uuid4().hex}"
         with self._changed:
             # An imap feeder waits here while its job has as many chunks in flight as allowed.
             while self._open_jobs.get(job.id, 0) >= self._imap_limit and self._state != TERMINATE:
