@@ -469,3 +469,23 @@ def test_a_script_without_main_guard_fails_instead_of_respawning(run_script, met
     assert proc.returncode != 0
     assert "bootstrapping phase" in proc.stderr
     assert proc.stdout.count("[1, 2]") <= 1, "workers ran the script's pool themselves"
+
+
+def test_a_fork_pool_in_a_script_without_main_guard_is_refused_in_spawned_workers(run_script):
+    # The script makes a fork pool before a spawn pool; each spawn worker re-imports the script
+    # and reaches the fork pool first, which must fail there rather than run the script's work.
+    proc = run_script(
+        """
+        pool = M.get_context("fork").Pool(1)
+        print("fork pool:", pool.map(abs, [-1, -2]))
+        pool.close()
+        pool.join()
+        pool = M.get_context("spawn").Pool(2)
+        print(pool.map(abs, [-3]))
+        """,
+        "rpool",
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "bootstrapping phase" in proc.stderr
+    assert proc.stdout.count("fork pool:") == 1, proc.stdout

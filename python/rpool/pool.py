@@ -410,6 +410,9 @@ class Pool:
                 raise TypeError("max_memory_per_child must be a number of bytes (int) or None")
             if max_memory_per_child <= 0:
                 raise ValueError("max_memory_per_child must be a positive number of bytes or None")
+        # A spawned worker re-importing a script without a main guard must not start pools of
+        # its own, even "fork" ones (the stdlib refuses those too: its workers are daemonic).
+        _spawn._check_not_importing_main()
         method = _start_method(context)
         if method not in _NAME_PREFIX:
             raise ValueError(f"cannot find context for {method!r}")
