@@ -456,6 +456,7 @@ impl Core {
         let fair_share = (s.queue.len() + in_flight).div_ceil(self.config.processes.max(1));
         let depth = prefetch_depth(s.avg_task_ns).min(fair_share.max(1));
         let max_tasks = self.config.max_tasks_per_child;
+        let mut new_deadline = false;
         while !s.queue.is_empty() {
             let pick = s
                 .workers
@@ -469,6 +470,7 @@ impl Core {
             let w = &mut s.workers[i];
             if w.inflight.is_empty() {
                 w.head_since = Instant::now();
+                new_deadline |= task.job.time_limit.is_some();
             }
             w.outbox.push_back(task.frame.clone());
             w.inflight.push_back(task);
@@ -476,6 +478,11 @@ impl Core {
             if max_tasks.is_some_and(|m| w.sent >= m) {
                 w.state = WorkerState::Leaving;
             }
+        }
+        // rpool-io may be asleep in epoll_wait for up to a second, computed before this deadline
+        // existed: wake it so the limit is enforced on time.
+        if new_deadline {
+            self.poke();
         }
         let drained = s.lifecycle != Lifecycle::Running && s.queue.is_empty() && s.open_jobs == 0;
         for w in &mut s.workers {

@@ -175,6 +175,25 @@ def test_a_task_over_its_time_limit_fails_and_its_worker_is_replaced(make_rpool)
     assert pool.apply(tasks.getpid) != first_pid
 
 
+def test_time_limits_are_enforced_promptly_on_an_idle_pool(make_rpool):
+    # With nothing to do, the I/O thread sleeps up to a second; a limit that starts while it
+    # sleeps must be enforced on time, not when it next wakes (~1 s late).
+    pool = make_rpool(2)
+    late = []
+    for _ in range(5):
+        deadline = time.monotonic() + 30
+        while len(pool._core.worker_pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the replacement's start-up has been read: no event is due
+        pool.apply(tasks.getpid)
+        started = time.monotonic()
+        with pytest.raises(rpool.TaskTimeoutError):
+            pool.apply(tasks.sleep_and_return, (30, "late"), timeout=0.05)
+        late.append(time.monotonic() - started - 0.05)
+    # A generous bound: without the wake-up every one of these is ~0.9 s late.
+    assert sorted(late)[2] < 0.5, f"time limits enforced late by {late}"
+
+
 def test_a_task_within_its_time_limit_is_left_alone(make_rpool):
     pool = make_rpool(2)
     pid = pool.apply(tasks.getpid)
