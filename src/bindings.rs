@@ -126,6 +126,21 @@ impl PyJob {
         })
     }
 
+    /// Wait until more than `count` parts have finished, or every part has.
+    #[pyo3(signature = (count, timeout=None))]
+    fn wait_finished(&self, py: Python<'_>, count: usize, timeout: Option<f64>) -> PyResult<bool> {
+        let job = &self.inner;
+        wait_interruptibly(py, timeout, |slice| {
+            job.wait_for(slice, |v| v.finished() > count || v.complete())
+        })
+    }
+
+    /// The parts that finished after the first `start` ones, in finishing order (for progress bars).
+    #[pyo3(signature = (start=0))]
+    fn finished_parts(&self, start: usize) -> Vec<usize> {
+        self.inner.finished_since(start)
+    }
+
     fn pop_finished(&self) -> Option<usize> {
         self.inner.pop_finished()
     }

@@ -23,7 +23,7 @@ from multiprocessing import TimeoutError
 from multiprocessing import spawn as _spawn
 from multiprocessing.pool import MaybeEncodingError
 
-from . import _aio, _rpool
+from . import _aio, _progress, _rpool
 from ._worker import dumps as _dumps
 from ._worker import bootstrap_forked, mapstar, starmapstar
 
@@ -196,11 +196,20 @@ AsyncResult = ApplyResult
 class MapResult(ApplyResult):
     """The result of `map_async`/`starmap_async`: one part per chunk, values in input order."""
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_parts", "_progress")
 
     def __init__(self, job, parts, callback=None, error_callback=None):
         super().__init__(job, callback, error_callback)
         self._parts = parts
+        self._progress = None
+
+    def _wait(self, timeout):
+        if not super()._wait(timeout):
+            return False
+        if self._progress is not None:
+            # The bar shows every item by the time `get()` returns, not a moment later.
+            self._progress.finish()
+        return True
 
     def _collect(self):
         values = []
@@ -228,6 +237,7 @@ class IMapIterator:
         self._buffer = collections.deque()
         self._input_error = None
         self._lock = threading.Lock()
+        self._progress = None
 
     def __iter__(self):
         return self
@@ -237,6 +247,8 @@ class IMapIterator:
             while not self._buffer:
                 part = self._wait_next_part(timeout)
                 if part is None:
+                    if self._progress is not None:
+                        self._progress.finish()
                     error, self._input_error = self._input_error, None
                     if error is not None:
                         raise error
@@ -325,6 +337,12 @@ def _label(func):
         return repr(func)[:200]
     module = getattr(func, "__module__", None)
     return f"{module}.{name}" if isinstance(module, str) else name
+
+
+def _bar_label(func):
+    """A progress bar's default description: the function's own name."""
+    name = getattr(func, "__name__", None)
+    return name if isinstance(name, str) else None
 
 
 # Names an object in an error message without printing all of a huge one.
@@ -487,19 +505,36 @@ class Pool:
 
     # `timeout=` on the map family limits how long each chunk may run in a worker.
 
-    def map(self, func, iterable, chunksize=None, *, timeout=None):
-        return self._map_async(func, iterable, mapstar, chunksize, timeout=timeout).get()
+    # `progress=` on the map family: True, a tqdm instance or a dict of tqdm keywords shows a
+    # bar in the parent that advances by items as tasks end (see `_progress`).
 
-    def starmap(self, func, iterable, chunksize=None, *, timeout=None):
-        return self._map_async(func, iterable, starmapstar, chunksize, timeout=timeout).get()
+    def map(self, func, iterable, chunksize=None, *, timeout=None, progress=None):
+        return self._map_async(func, iterable, mapstar, chunksize, timeout=timeout, progress=progress).get()
 
-    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *, timeout=None):
-        return self._map_async(func, iterable, mapstar, chunksize, callback, error_callback, timeout)
+    def starmap(self, func, iterable, chunksize=None, *, timeout=None, progress=None):
+        return self._map_async(func, iterable, starmapstar, chunksize, timeout=timeout, progress=progress).get()
 
-    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *, timeout=None):
-        return self._map_async(func, iterable, starmapstar, chunksize, callback, error_callback, timeout)
+    def map_async(
+        self, func, iterable, chunksize=None, callback=None, error_callback=None, *, timeout=None, progress=None
+    ):
+        return self._map_async(func, iterable, mapstar, chunksize, callback, error_callback, timeout, progress)
 
-    def _map_async(self, func, iterable, mapper, chunksize=None, callback=None, error_callback=None, timeout=None):
+    def starmap_async(
+        self, func, iterable, chunksize=None, callback=None, error_callback=None, *, timeout=None, progress=None
+    ):
+        return self._map_async(func, iterable, starmapstar, chunksize, callback, error_callback, timeout, progress)
+
+    def _map_async(
+        self,
+        func,
+        iterable,
+        mapper,
+        chunksize=None,
+        callback=None,
+        error_callback=None,
+        timeout=None,
+        progress=None,
+    ):
         self._check_running()
         limit = self._time_limit(timeout)
         if not hasattr(iterable, "__len__"):
@@ -510,13 +545,17 @@ class Pool:
                 chunksize += 1
         elif chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        chunks = list(_chunks(iterable, max(chunksize, 1), numbered=True))
         payloads = [
             self._pack((mapper, (func, chunk), {}), func, functools.partial(_input_items, chunk, start))
-            for start, chunk in _chunks(iterable, max(chunksize, 1), numbered=True)
+            for start, chunk in chunks
         ]
         has_callbacks = callback is not None or error_callback is not None
         job = self._core.new_job(len(payloads), has_callbacks, _label(func), limit)
         result = MapResult(job, len(payloads), callback, error_callback)
+        bar = _progress.open_bar(progress, len(iterable), _bar_label(func))
+        if bar is not None:
+            result._progress = _progress.Tracker(job, *bar, [len(chunk) for _, chunk in chunks])
         if not payloads:
             # As the stdlib: an empty map is ready at once, and its callback is not called.
             job.mark_ready()
@@ -527,26 +566,32 @@ class Pool:
             self._core.submit(job, part, payload)
         return result
 
-    def imap(self, func, iterable, chunksize=1, *, timeout=None):
+    def imap(self, func, iterable, chunksize=1, *, timeout=None, progress=None):
         """Like `map`, but lazy: results are yielded in order as they arrive."""
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        return self._imap(func, iterable, chunksize, ordered=True, timeout=timeout)
+        return self._imap(func, iterable, chunksize, ordered=True, timeout=timeout, progress=progress)
 
-    def imap_unordered(self, func, iterable, chunksize=1, *, timeout=None):
+    def imap_unordered(self, func, iterable, chunksize=1, *, timeout=None, progress=None):
         """Like `imap`, but results are yielded as soon as they are ready."""
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
-        return self._imap(func, iterable, chunksize, ordered=False, timeout=timeout)
+        return self._imap(func, iterable, chunksize, ordered=False, timeout=timeout, progress=progress)
 
-    def _imap(self, func, iterable, chunksize, ordered, timeout):
+    def _imap(self, func, iterable, chunksize, ordered, timeout, progress=None):
         job = self._core.new_job(None, False, _label(func), self._time_limit(timeout))
         result = IMapIterator(job, ordered, chunked=chunksize != 1)
+        # Chunk sizes, appended by the feeder before each chunk goes out; None: one item per task.
+        sizes = None
+        bar = _progress.open_bar(progress, len(iterable) if hasattr(iterable, "__len__") else None, _bar_label(func))
+        if bar is not None:
+            sizes = [] if chunksize != 1 else None
+            result._progress = _progress.Tracker(job, *bar, sizes)
         feeder = threading.Thread(
             target=_feed,
-            args=(self._core, job, result, func, iterable, chunksize, self._pack),
+            args=(self._core, job, result, func, iterable, chunksize, self._pack, sizes),
             name="rpool-feed",
             daemon=True,
         )
@@ -592,7 +637,7 @@ class Pool:
             self.terminate()
 
 
-def _feed(core, job, result, func, iterable, chunksize, pack):
+def _feed(core, job, result, func, iterable, chunksize, pack, sizes=None):
     """On an rpool-feed thread: read `imap`'s input and submit it, as the stdlib's task handler."""
     mapper = mapstar if chunksize != 1 else None
     part = 0
@@ -601,6 +646,8 @@ def _feed(core, job, result, func, iterable, chunksize, pack):
         for item in items:
             call = (mapper, (func, item), {}) if mapper else (func, (item,), {})
             chunk = item if mapper else (item,)
+            if sizes is not None:
+                sizes.append(len(chunk))
             try:
                 payload = pack(call, func, functools.partial(_input_items, chunk, part * chunksize))
             except Exception as exc:
