@@ -77,6 +77,20 @@ pub(crate) fn time_limit(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     }
 }
 
+/// Hand workers' log records to `sink(list[bytes])` on the calling thread (rpool-io).
+fn python_log_sink(sink: Py<PyAny>) -> crate::pool::LogSink {
+    Box::new(move |records| {
+        Python::attach(|py| {
+            let records: Vec<Bound<'_, PyBytes>> =
+                records.iter().map(|r| PyBytes::new(py, r)).collect();
+            if let Err(e) = sink.call1(py, (records,)) {
+                // The sink guards handler errors itself; this is a bug in rpool.
+                e.print(py);
+            }
+        })
+    })
+}
+
 /// A result slot, shared with the core. Python's `AsyncResult` wraps one.
 #[pyclass(frozen, module = "rpool._rpool", name = "Job")]
 pub struct PyJob {
@@ -305,6 +319,7 @@ fn run_child<'py>(
     reader: &mut FrameReader,
     bootstrap: impl FnOnce(Python<'py>) -> PyResult<Bound<'py, PyAny>>,
 ) -> i32 {
+    child::attach_result_pipe(result_fd);
     let booted =
         bootstrap(py).and_then(|r| r.extract::<(Bound<'py, PyAny>, Option<u64>, Option<u64>)>());
     let code = match booted {
@@ -421,6 +436,13 @@ pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
     }
 }
 
+/// In a worker: send `record` (a pickled log record) to the pool's `log_sink`, ahead of the
+/// result of the task running now. Returns False outside a worker process.
+#[pyfunction]
+pub fn forward_log(py: Python<'_>, record: &[u8]) -> PyResult<bool> {
+    Ok(py.detach(|| child::send_log(record))?)
+}
+
 /// Runs callbacks in the parent, one at a time, with the GIL: `deliver(job_ids)` looks the jobs
 /// up, calls their callbacks (guarded) and marks them ready.
 pub(crate) fn spawn_callbacks_thread(
@@ -524,10 +546,11 @@ impl PoolCore {
     /// `fork_bootstrap(number) -> (execute, max_tasks, max_memory)` for fork; `exec_argv` and
     /// `exec_preamble` (two pickles: spawn preparation data, worker setup) for spawn, where
     /// `exec_argv` starts a worker, and for forkserver, where it starts the fork server.
+    /// `log_sink(records: list[bytes])` gets the records workers send with `forward_log`.
     #[new]
     // One argument per pool setting, as the Python constructor passes them.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (processes, start_method, max_tasks_per_child, deliver, fork_bootstrap=None, exec_argv=None, exec_preamble=None))]
+    #[pyo3(signature = (processes, start_method, max_tasks_per_child, deliver, fork_bootstrap=None, exec_argv=None, exec_preamble=None, log_sink=None))]
     fn new(
         py: Python<'_>,
         processes: usize,
@@ -537,6 +560,7 @@ impl PoolCore {
         fork_bootstrap: Option<Py<PyAny>>,
         exec_argv: Option<Vec<String>>,
         exec_preamble: Option<Vec<Vec<u8>>>,
+        log_sink: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let launcher: Arc<dyn Launch> = match (fork_bootstrap, exec_argv) {
             (Some(b), None) => Arc::new(ForkLauncher {
@@ -560,6 +584,7 @@ impl PoolCore {
         let config = PoolConfig {
             processes,
             max_tasks_per_child,
+            log_sink: log_sink.map(python_log_sink),
         };
         let (core, callbacks_rx) = py
             .detach(|| Core::start(config, launcher))

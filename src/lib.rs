@@ -14,8 +14,10 @@ use pyo3::prelude::*;
 
 #[pymodule]
 fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // The core's `log` records go to Python's logging, under the logger name "rpool".
-    let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
+    // The core's `log` records go to Python's logging, under the logger name "rpool". Levels are
+    // not cached: the core logs only on rare events (a worker starts or exits), and a cached level
+    // would hide DEBUG records from a script that turns them on after rpool first logged.
+    let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Loggers)?
         .filter(log::LevelFilter::Trace)
         .install();
     m.add_class::<bindings::PoolCore>()?;
@@ -24,5 +26,6 @@ fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<board::JobBoard>()?;
     m.add_function(wrap_pyfunction!(bindings::worker_main, m)?)?;
     m.add_function(wrap_pyfunction!(bindings::forkserver_main, m)?)?;
+    m.add_function(wrap_pyfunction!(bindings::forward_log, m)?)?;
     Ok(())
 }

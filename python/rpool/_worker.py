@@ -6,6 +6,7 @@ The loop itself (read a task frame, call `execute`, write the result frame) is i
 
 import io
 import itertools
+import logging
 import os
 import pickle
 import signal
@@ -63,6 +64,64 @@ def execute(payload, dumps=dumps):
         return False, dumps(MaybeEncodingError(exc, result))
 
 
+def record_payload(record):
+    """Pickle a LogRecord's attributes for the parent: the message rendered (its arguments may
+    not pickle, or mean nothing there), the traceback as text, extras that cannot be pickled as
+    their repr."""
+    attrs = dict(record.__dict__)
+    attrs["msg"] = record.getMessage()
+    attrs["args"] = None
+    if record.exc_info:
+        attrs["exc_text"] = record.exc_text or logging.Formatter().formatException(record.exc_info)
+    attrs["exc_info"] = None
+    attrs.pop("message", None)
+    try:
+        return pickle.dumps(attrs, _PROTOCOL)
+    except Exception:
+        for key, value in attrs.items():
+            try:
+                pickle.dumps(value, _PROTOCOL)
+            except Exception:
+                attrs[key] = repr(value)
+        return pickle.dumps(attrs, _PROTOCOL)
+
+
+class ForwardingHandler(logging.Handler):
+    """In a worker of `Pool(forward_logs=True)`: send each record to the parent's `logging`."""
+
+    def emit(self, record):
+        # The same record may reach this handler on several loggers of its chain: send it once.
+        if getattr(record, "_rpool_forwarded", False):
+            return
+        record._rpool_forwarded = True
+        try:
+            from rpool import _rpool
+
+            _rpool.forward_log(record_payload(record))
+        except Exception:
+            self.handleError(record)
+
+
+def forward_logs(level):
+    """Send this worker's log records to the parent, which handles them with its own handlers.
+
+    Handlers inherited from a forked parent would print each record a second time, so every
+    logger that has handlers gets the forwarding handler instead; the root logger always does,
+    with the parent's root level.
+    """
+    handler = ForwardingHandler()
+    root = logging.getLogger()
+    loggers = [root] + [
+        logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        if logger.handlers or logger is root:
+            for old in list(logger.handlers):
+                logger.removeHandler(old)
+            logger.addHandler(handler)
+    root.setLevel(level)
+
+
 def _become_worker(setup, number, forked):
     if forked:
         # What the stdlib's Process._bootstrap does in a forked child.
@@ -81,6 +140,8 @@ def _become_worker(setup, number, forked):
     # Ctrl-C goes to the whole process group: the parent handles it, workers must not spew
     # tracebacks (the parent terminates them).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if setup.get("forward_logs") is not None:
+        forward_logs(setup["forward_logs"])
     initializer = setup["initializer"]
     if initializer is not None:
         initializer(*setup["initargs"])

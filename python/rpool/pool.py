@@ -418,6 +418,7 @@ class Pool:
         *,
         task_timeout=None,
         max_memory_per_child=None,
+        forward_logs=False,
     ):
         self._state = "INIT"
         self._cache = {}
@@ -439,11 +440,16 @@ class Pool:
             "maxtasks": maxtasksperchild,
             "max_memory": max_memory_per_child,
             "name_prefix": _NAME_PREFIX[method],
+            # Workers send records at or above the parent's root level at this moment.
+            "forward_logs": logging.getLogger().getEffectiveLevel() if forward_logs else None,
         }
+        log_sink = _handle_worker_records if forward_logs else None
         deliver = functools.partial(_deliver, self._cache)
         if method == "fork":
             bootstrap = functools.partial(bootstrap_forked, setup)
-            self._core = _rpool.PoolCore(processes, method, maxtasksperchild, deliver, fork_bootstrap=bootstrap)
+            self._core = _rpool.PoolCore(
+                processes, method, maxtasksperchild, deliver, fork_bootstrap=bootstrap, log_sink=log_sink
+            )
         else:
             prep = _spawn.get_preparation_data(f"{_NAME_PREFIX[method]}PoolWorker")
             # The stdlib refuses to pickle an AuthenticationString outside its own spawning.
@@ -451,7 +457,13 @@ class Pool:
             preamble = [pickle.dumps(prep, pickle.HIGHEST_PROTOCOL), _dumps(setup)]
             entry = "forkserver_main" if method == "forkserver" else "spawn_main"
             self._core = _rpool.PoolCore(
-                processes, method, maxtasksperchild, deliver, exec_argv=_exec_command(entry), exec_preamble=preamble
+                processes,
+                method,
+                maxtasksperchild,
+                deliver,
+                exec_argv=_exec_command(entry),
+                exec_preamble=preamble,
+                log_sink=log_sink,
             )
         self._state = RUN
         _live_pools.add(self)
@@ -635,6 +647,19 @@ class Pool:
         if getattr(self, "_state", None) == RUN:
             _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
             self.terminate()
+
+
+def _handle_worker_records(records):
+    """On rpool-io (`Pool(forward_logs=True)`): hand workers' log records to this process's
+    loggers, filtered by their levels here, before the results that follow them are delivered."""
+    for data in records:
+        try:
+            record = logging.makeLogRecord(pickle.loads(data))
+            logger = logging.getLogger(record.name if record.name != "root" else None)
+            if logger.isEnabledFor(record.levelno):
+                logger.handle(record)
+        except Exception:
+            _log.exception("rpool: could not handle a log record from a worker")
 
 
 def _feed(core, job, result, func, iterable, chunksize, pack, sizes=None):
