@@ -4,6 +4,7 @@ The loop itself (read a task frame, call `execute`, write the result frame) is i
 (`src/child.rs`); this module holds the steps that need Python's own machinery.
 """
 
+import functools
 import io
 import itertools
 import logging
@@ -30,6 +31,23 @@ def dumps(obj):
         buf = io.BytesIO()
         ForkingPickler(buf, _PROTOCOL).dump(obj)
         return buf.getvalue()
+
+
+def cloud_dumps(obj):
+    """Pickle with cloudpickle (`Pool(serializer="cloudpickle")`): lambdas, closures and
+    functions of `__main__` travel by value."""
+    import cloudpickle
+
+    return cloudpickle.dumps(obj, _PROTOCOL)
+
+
+def result_dumps(obj):
+    """A worker's results under `serializer="cloudpickle"`: plain pickle's speed for plain data,
+    cloudpickle for what plain pickle refuses (a lambda returned by a task)."""
+    try:
+        return dumps(obj)
+    except Exception:
+        return cloud_dumps(obj)
 
 
 def mapstar(func, chunk):
@@ -145,6 +163,8 @@ def _become_worker(setup, number, forked):
     initializer = setup["initializer"]
     if initializer is not None:
         initializer(*setup["initargs"])
+    if setup.get("serializer") == "cloudpickle":
+        return functools.partial(execute, dumps=result_dumps), setup["maxtasks"], setup.get("max_memory")
     return execute, setup["maxtasks"], setup.get("max_memory")
 
 

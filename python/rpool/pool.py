@@ -17,6 +17,7 @@ import os
 import pickle
 import reprlib
 import threading
+import types
 import warnings
 import weakref
 from multiprocessing import TimeoutError
@@ -25,7 +26,7 @@ from multiprocessing.pool import MaybeEncodingError
 
 from . import _aio, _progress, _rpool
 from ._worker import dumps as _dumps
-from ._worker import bootstrap_forked, mapstar, starmapstar
+from ._worker import bootstrap_forked, cloud_dumps, mapstar, starmapstar
 
 __all__ = [
     "Pool",
@@ -356,14 +357,48 @@ def _dump_task(call, func, parts, dumps=_dumps):
     try:
         return dumps(call)
     except Exception as exc:
-        culprit = "the task"
+        culprit, blamed = "the task", None
         for what, obj in [("the function", func), *parts()]:
             try:
                 dumps(obj)
             except Exception:
-                culprit = f"{what} {_short_repr.repr(obj)}"
+                culprit, blamed = f"{what} {_short_repr.repr(obj)}", obj
                 break
-        raise UnpicklableTaskError(f"cannot pickle {culprit} for {_label(func)}: {exc}") from exc
+        hint = _CLOUDPICKLE_HINT if dumps is _dumps and _cloudpickle_would_help(blamed, exc) else ""
+        raise UnpicklableTaskError(f"cannot pickle {culprit} for {_label(func)}: {exc}{hint}") from exc
+
+
+_CLOUDPICKLE_HINT = (
+    '; to send lambdas, closures and locally defined functions or classes, make the pool with '
+    'serializer="cloudpickle" (pip install "rpool[cloudpickle]")'
+)
+
+
+def _cloudpickle_would_help(obj, exc):
+    """Plain pickle refused a function or class it could only send by name."""
+    if isinstance(obj, (types.FunctionType, types.MethodType, functools.partial, type)):
+        return True
+    text = str(exc)
+    return "<lambda>" in text or "<locals>" in text or "local object" in text
+
+
+_SERIALIZERS = ("pickle", "cloudpickle")
+
+
+def _task_dumps(serializer):
+    """How tasks are pickled for `Pool(serializer=)`."""
+    if serializer not in _SERIALIZERS:
+        raise ValueError(f"serializer must be 'pickle' or 'cloudpickle', not {serializer!r}")
+    if serializer == "pickle":
+        return _dumps
+    try:
+        import cloudpickle  # noqa: F401 - only to fail here, early and clearly
+    except ImportError as exc:
+        raise ImportError(
+            'serializer="cloudpickle" needs cloudpickle, which is not installed: pip install "rpool[cloudpickle]"',
+            name="cloudpickle",
+        ) from exc
+    return cloud_dumps
 
 
 def _check_seconds(value, what):
@@ -419,10 +454,14 @@ class Pool:
         task_timeout=None,
         max_memory_per_child=None,
         forward_logs=False,
+        serializer="pickle",
     ):
         self._state = "INIT"
         self._cache = {}
         processes = _check_pool_arguments(processes, initializer, maxtasksperchild)
+        dumps = _task_dumps(serializer)
+        if dumps is not _dumps:
+            self._pack = functools.partial(_dump_task, dumps=dumps)
         self._task_timeout = _check_seconds(task_timeout, "task_timeout")
         if max_memory_per_child is not None:
             if isinstance(max_memory_per_child, bool) or not isinstance(max_memory_per_child, int):
@@ -442,6 +481,7 @@ class Pool:
             "name_prefix": _NAME_PREFIX[method],
             # Workers send records at or above the parent's root level at this moment.
             "forward_logs": logging.getLogger().getEffectiveLevel() if forward_logs else None,
+            "serializer": serializer,
         }
         log_sink = _handle_worker_records if forward_logs else None
         deliver = functools.partial(_deliver, self._cache)
@@ -454,7 +494,7 @@ class Pool:
             prep = _spawn.get_preparation_data(f"{_NAME_PREFIX[method]}PoolWorker")
             # The stdlib refuses to pickle an AuthenticationString outside its own spawning.
             prep["authkey"] = bytes(prep["authkey"])
-            preamble = [pickle.dumps(prep, pickle.HIGHEST_PROTOCOL), _dumps(setup)]
+            preamble = [pickle.dumps(prep, pickle.HIGHEST_PROTOCOL), dumps(setup)]
             entry = "forkserver_main" if method == "forkserver" else "spawn_main"
             self._core = _rpool.PoolCore(
                 processes,
