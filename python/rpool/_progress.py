@@ -30,7 +30,7 @@ _MISSING_TQDM = 'progress bars need tqdm, which is not installed: pip install "r
 
 def _new_bar(total: int | None, desc: str | None, options: Mapping[str, Any]) -> ProgressBar:
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped, import-not-found, unused-ignore]
     except ImportError as exc:
         raise ImportError(_MISSING_TQDM, name="tqdm") from exc
     bar: ProgressBar = tqdm(**{"total": total, "desc": desc, **options})
