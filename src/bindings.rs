@@ -436,6 +436,21 @@ pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
     }
 }
 
+static LOG_CACHE: std::sync::OnceLock<pyo3_log::ResetHandle> = std::sync::OnceLock::new();
+
+pub(crate) fn keep_log_cache_handle(handle: pyo3_log::ResetHandle) {
+    let _ = LOG_CACHE.set(handle);
+}
+
+/// Forget the logging levels cached for the core's records, so that a level set since (say
+/// `logging.getLogger("rpool").setLevel(logging.DEBUG)`) applies. `Pool()` calls it.
+#[pyfunction]
+pub fn reset_log_cache() {
+    if let Some(handle) = LOG_CACHE.get() {
+        handle.reset();
+    }
+}
+
 /// In a worker: send `record` (a pickled log record) to the pool's `log_sink`, ahead of the
 /// result of the task running now. Returns False outside a worker process.
 #[pyfunction]

@@ -128,3 +128,16 @@ def test_worker_lifecycle_is_logged(caplog):
     assert len(started) >= 3, "two workers and the replacement"
     died = [r for r in rpool_records if r.levelno == logging.WARNING and f"(pid {pid})" in r.getMessage()]
     assert died and "SIGKILL" in died[0].getMessage() and "starting a replacement" in died[0].getMessage()
+
+
+def test_a_level_set_after_an_earlier_pool_applies_to_the_next(caplog):
+    # caplog puts the "rpool" logger's level back afterwards.
+    caplog.set_level(logging.WARNING, logger="rpool")
+    with make_pool("fork") as pool:  # the core caches "rpool: DEBUG is off" here
+        pool.apply(os.getpid)
+    pool.join()
+    caplog.set_level(logging.DEBUG, logger="rpool")
+    with make_pool("fork") as pool:
+        pool.apply(os.getpid)
+    started = [r for r in caplog.records if r.name == "rpool" and "started worker" in r.getMessage()]
+    assert len(started) == 2

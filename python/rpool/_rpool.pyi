@@ -9,7 +9,7 @@ from typing import Any, final
 # 4 timed out (message str), 5 cancelled (None), 6 value and 7 raised (the objects themselves).
 _Outcome = tuple[int, Any]
 
-__all__ = ["PoolCore", "Job", "ThreadCore", "JobBoard", "worker_main", "forkserver_main", "forward_log"]
+__all__ = ["PoolCore", "Job", "ThreadCore", "JobBoard", "worker_main", "forkserver_main", "forward_log", "reset_log_cache"]
 
 @final
 class Job:
@@ -100,3 +100,4 @@ class JobBoard:
 def worker_main() -> int: ...
 def forkserver_main() -> int: ...
 def forward_log(record: bytes) -> bool: ...
+def reset_log_cache() -> None: ...

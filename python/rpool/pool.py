@@ -489,6 +489,8 @@ class Pool:
     ) -> None:
         self._state = "INIT"
         self._cache: dict[int, ApplyResult[Any]] = {}
+        # The core caches logging levels; a level set since the last pool applies to this one.
+        _rpool.reset_log_cache()
         processes = _check_pool_arguments(processes, initializer, maxtasksperchild)
         dumps = _task_dumps(serializer)
         if dumps is not _dumps:
