@@ -152,3 +152,16 @@ def test_without_tqdm_the_error_says_what_to_install(pool, monkeypatch):
         pool.imap(T.square, range(5), progress={"desc": "x"})
     bar = quiet_bar()
     assert pool.map(T.square, range(5), progress=bar) == [0, 1, 4, 9, 16], "an instance needs no import"
+
+
+def test_dask_pool_too():
+    pytest.importorskip("distributed")
+    from rpool.distributed import Pool as DaskPool
+
+    with DaskPool(processes=2) as pool:
+        bar = quiet_bar()
+        assert pool.map(T.square, range(60), 7, progress=bar) == [x * x for x in range(60)]
+        assert bar.n == 60
+        bar = quiet_bar()
+        assert len(list(pool.imap_unordered(T.square, range(30), 4, progress=bar))) == 30
+        assert bar.n == 30

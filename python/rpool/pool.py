@@ -284,8 +284,7 @@ class IMapIterator(Generic[T]):
                     return item
             return self._buffer.popleft()
 
-    def __next__(self) -> T:
-        return self.next()
+    __next__ = next
 
     def __aiter__(self) -> Self:
         return self
