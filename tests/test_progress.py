@@ -165,3 +165,15 @@ def test_dask_pool_too():
         bar = quiet_bar()
         assert len(list(pool.imap_unordered(T.square, range(30), 4, progress=bar))) == 30
         assert bar.n == 30
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered", "map_async"])
+def test_a_refused_bar_leaves_nothing_for_close_to_wait_on(method):
+    pool = rpool.Pool(1)
+    try:
+        with pytest.raises(TypeError):
+            getattr(pool, method)(T.square, range(3), progress=3.5)
+        pool.close()
+        pool.join()  # bounded by the test's timeout: an unsealed imap job would hang it
+    finally:
+        pool.terminate()

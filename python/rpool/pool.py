@@ -683,9 +683,9 @@ class Pool:
             for start, chunk in chunks
         ]
         has_callbacks = callback is not None or error_callback is not None
+        bar = _progress.open_bar(progress, len(iterable), _bar_label(func))  # type: ignore[arg-type]
         job = self._core.new_job(len(payloads), has_callbacks, _label(func), limit)
         result: MapResult[Any] = MapResult(job, len(payloads), callback, error_callback)
-        bar = _progress.open_bar(progress, len(iterable), _bar_label(func))  # type: ignore[arg-type]
         if bar is not None:
             result._progress = _progress.Tracker(job, *bar, [len(chunk) for _, chunk in chunks])
         if not payloads:
@@ -737,12 +737,13 @@ class Pool:
         timeout: float | None,
         progress: _progress.Progress = None,
     ) -> IMapIterator[Any]:
+        # The bar first: if it cannot be made, no open job is left for close() to wait on.
+        total = len(iterable) if isinstance(iterable, Sized) else None
+        bar = _progress.open_bar(progress, total, _bar_label(func))
         job = self._core.new_job(None, False, _label(func), self._time_limit(timeout))
         result: IMapIterator[Any] = IMapIterator(job, ordered, chunked=chunksize != 1)
         # Chunk sizes, appended by the feeder before each chunk goes out; None: one item per task.
         sizes: list[int] | None = None
-        total = len(iterable) if isinstance(iterable, Sized) else None
-        bar = _progress.open_bar(progress, total, _bar_label(func))
         if bar is not None:
             sizes = [] if chunksize != 1 else None
             result._progress = _progress.Tracker(job, *bar, sizes)
