@@ -77,6 +77,20 @@ pub(crate) fn time_limit(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     }
 }
 
+/// Hand workers' log records to `sink(list[bytes])` on the calling thread (rpool-io).
+fn python_log_sink(sink: Py<PyAny>) -> crate::pool::LogSink {
+    Box::new(move |records| {
+        Python::attach(|py| {
+            let records: Vec<Bound<'_, PyBytes>> =
+                records.iter().map(|r| PyBytes::new(py, r)).collect();
+            if let Err(e) = sink.call1(py, (records,)) {
+                // The sink guards handler errors itself; this is a bug in rpool.
+                e.print(py);
+            }
+        })
+    })
+}
+
 /// A result slot, shared with the core. Python's `AsyncResult` wraps one.
 #[pyclass(frozen, module = "rpool._rpool", name = "Job")]
 pub struct PyJob {
@@ -124,6 +138,21 @@ impl PyJob {
         wait_interruptibly(py, timeout, |slice| {
             job.wait_for(slice, |v| v.any_unpopped() || v.exhausted())
         })
+    }
+
+    /// Wait until more than `count` parts have finished, or every part has.
+    #[pyo3(signature = (count, timeout=None))]
+    fn wait_finished(&self, py: Python<'_>, count: usize, timeout: Option<f64>) -> PyResult<bool> {
+        let job = &self.inner;
+        wait_interruptibly(py, timeout, |slice| {
+            job.wait_for(slice, |v| v.finished() > count || v.complete())
+        })
+    }
+
+    /// The parts that finished after the first `start` ones, in finishing order (for progress bars).
+    #[pyo3(signature = (start=0))]
+    fn finished_parts(&self, start: usize) -> Vec<usize> {
+        self.inner.finished_since(start)
     }
 
     fn pop_finished(&self) -> Option<usize> {
@@ -290,6 +319,7 @@ fn run_child<'py>(
     reader: &mut FrameReader,
     bootstrap: impl FnOnce(Python<'py>) -> PyResult<Bound<'py, PyAny>>,
 ) -> i32 {
+    child::attach_result_pipe(result_fd);
     let booted =
         bootstrap(py).and_then(|r| r.extract::<(Bound<'py, PyAny>, Option<u64>, Option<u64>)>());
     let code = match booted {
@@ -406,6 +436,28 @@ pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
     }
 }
 
+static LOG_CACHE: std::sync::OnceLock<pyo3_log::ResetHandle> = std::sync::OnceLock::new();
+
+pub(crate) fn keep_log_cache_handle(handle: pyo3_log::ResetHandle) {
+    let _ = LOG_CACHE.set(handle);
+}
+
+/// Forget the logging levels cached for the core's records, so that a level set since (say
+/// `logging.getLogger("rpool").setLevel(logging.DEBUG)`) applies. `Pool()` calls it.
+#[pyfunction]
+pub fn reset_log_cache() {
+    if let Some(handle) = LOG_CACHE.get() {
+        handle.reset();
+    }
+}
+
+/// In a worker: send `record` (a pickled log record) to the pool's `log_sink`, ahead of the
+/// result of the task running now. Returns False outside a worker process.
+#[pyfunction]
+pub fn forward_log(py: Python<'_>, record: &[u8]) -> PyResult<bool> {
+    Ok(py.detach(|| child::send_log(record))?)
+}
+
 /// Runs callbacks in the parent, one at a time, with the GIL: `deliver(job_ids)` looks the jobs
 /// up, calls their callbacks (guarded) and marks them ready.
 pub(crate) fn spawn_callbacks_thread(
@@ -509,10 +561,11 @@ impl PoolCore {
     /// `fork_bootstrap(number) -> (execute, max_tasks, max_memory)` for fork; `exec_argv` and
     /// `exec_preamble` (two pickles: spawn preparation data, worker setup) for spawn, where
     /// `exec_argv` starts a worker, and for forkserver, where it starts the fork server.
+    /// `log_sink(records: list[bytes])` gets the records workers send with `forward_log`.
     #[new]
     // One argument per pool setting, as the Python constructor passes them.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (processes, start_method, max_tasks_per_child, deliver, fork_bootstrap=None, exec_argv=None, exec_preamble=None))]
+    #[pyo3(signature = (processes, start_method, max_tasks_per_child, deliver, fork_bootstrap=None, exec_argv=None, exec_preamble=None, log_sink=None))]
     fn new(
         py: Python<'_>,
         processes: usize,
@@ -522,6 +575,7 @@ impl PoolCore {
         fork_bootstrap: Option<Py<PyAny>>,
         exec_argv: Option<Vec<String>>,
         exec_preamble: Option<Vec<Vec<u8>>>,
+        log_sink: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let launcher: Arc<dyn Launch> = match (fork_bootstrap, exec_argv) {
             (Some(b), None) => Arc::new(ForkLauncher {
@@ -545,6 +599,7 @@ impl PoolCore {
         let config = PoolConfig {
             processes,
             max_tasks_per_child,
+            log_sink: log_sink.map(python_log_sink),
         };
         let (core, callbacks_rx) = py
             .detach(|| Core::start(config, launcher))

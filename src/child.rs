@@ -5,17 +5,56 @@ use crate::frame::{self, kind, FrameReader, Header};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::os::fd::{BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
+
+/// This worker's result pipe. Task threads write LOG frames to it (`send_log`) while the serve
+/// loop writes results, so whole frames are written under `lock`. A fresh one is made in each
+/// worker process as it starts (`attach_result_pipe`): a lock that some thread of the process
+/// that forked it held at the fork is never inherited locked.
+struct ResultPipe {
+    fd: RawFd,
+    lock: Mutex<()>,
+}
+
+static RESULT_PIPE: AtomicPtr<ResultPipe> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Called once in each new worker process before any Python code runs there.
+pub fn attach_result_pipe(fd: RawFd) {
+    // Leaked on purpose: one small allocation per worker process, valid until it exits.
+    let pipe = Box::into_raw(Box::new(ResultPipe {
+        fd,
+        lock: Mutex::new(()),
+    }));
+    RESULT_PIPE.store(pipe, Ordering::Release);
+}
+
+fn result_pipe() -> Option<&'static ResultPipe> {
+    unsafe { RESULT_PIPE.load(Ordering::Acquire).as_ref() }
+}
 
 pub fn send(fd: RawFd, kind: u8, id: u64, aux: u64, payload: &[u8]) -> std::io::Result<()> {
     let header = Header {
         kind,
-        len: payload.len() as u32,
+        len: u32::try_from(payload.len())
+            .map_err(|_| std::io::Error::other("frame payload over 4 GiB"))?,
         id,
         aux,
     }
     .encode();
+    let _whole_frame = result_pipe()
+        .filter(|pipe| pipe.fd == fd)
+        .map(|pipe| pipe.lock.lock().unwrap_or_else(|e| e.into_inner()));
     frame::write_all(fd, &[&header, payload])
+}
+
+/// Send a pickled log record to the parent. Returns false outside a worker process.
+pub fn send_log(record: &[u8]) -> std::io::Result<bool> {
+    match result_pipe() {
+        Some(pipe) => send(pipe.fd, kind::LOG, 0, 0, record).map(|()| true),
+        None => Ok(false),
+    }
 }
 
 /// Report an initializer failure: print it as the stdlib's workers do, and tell the parent.

@@ -22,6 +22,9 @@ pub mod kind {
     /// After its last result: the worker grew past its memory limit and reads no more tasks.
     /// `aux` is its resident set size in bytes.
     pub const RETIRING: u8 = 14;
+    /// A log record a task logged, for the parent's `logging` (`Pool(forward_logs=True)`);
+    /// the payload is opaque to the core. Sent before the result of the task that logged it.
+    pub const LOG: u8 = 15;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -55,6 +55,8 @@ struct Parts {
     total: Option<usize>,
     /// Finished part indices in the order they finished, for `imap_unordered`.
     finish_order: VecDeque<usize>,
+    /// Every finished part index in finishing order, never popped: progress bars read it.
+    finish_log: Vec<usize>,
     /// Set when all parts are in and any callbacks have run: `get()` may return.
     ready: bool,
 }
@@ -146,6 +148,7 @@ impl Job {
         p.outcomes[part] = Some(outcome);
         p.finished += 1;
         p.finish_order.push_back(part);
+        p.finish_log.push(part);
         let complete = p.total == Some(p.finished);
         if complete && !self.has_callbacks {
             p.ready = true;
@@ -196,6 +199,15 @@ impl Job {
     /// Block up to `timeout` until `pred` holds; returns whether it does.
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&JobView) -> bool) -> bool {
         wait_until(self.lock(), &self.changed, timeout, |p| pred(&JobView(p))).1
+    }
+
+    /// The parts that finished after the first `start` ones, in finishing order.
+    pub fn finished_since(&self, start: usize) -> Vec<usize> {
+        self.lock()
+            .finish_log
+            .get(start..)
+            .unwrap_or_default()
+            .to_vec()
     }
 
     /// Pop the next part in finishing order, if one finished and was not yet popped.
@@ -262,6 +274,10 @@ impl JobView<'_> {
     pub fn complete(&self) -> bool {
         self.0.total == Some(self.0.finished)
     }
+    /// How many parts have finished (taken and popped ones included).
+    pub fn finished(&self) -> usize {
+        self.0.finished
+    }
     pub fn any_unpopped(&self) -> bool {
         !self.0.finish_order.is_empty()
     }
@@ -322,6 +338,12 @@ mod tests {
         }
         let order: Vec<_> = std::iter::from_fn(|| job.pop_finished()).collect();
         assert_eq!(order, vec![2, 0, 1]);
+        assert_eq!(
+            job.finished_since(1),
+            vec![0, 1],
+            "popping leaves the log that progress bars read"
+        );
+        assert!(job.finished_since(5).is_empty());
     }
 
     #[test]

@@ -14,15 +14,21 @@ use pyo3::prelude::*;
 
 #[pymodule]
 fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // The core's `log` records go to Python's logging, under the logger name "rpool".
-    let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
+    // The core's `log` records go to Python's logging, under the logger name "rpool". Levels are
+    // cached (a disabled record costs no GIL); each new pool clears the cache (`reset_log_cache`).
+    let installed = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
         .filter(log::LevelFilter::Trace)
         .install();
+    if let Ok(handle) = installed {
+        bindings::keep_log_cache_handle(handle);
+    }
     m.add_class::<bindings::PoolCore>()?;
     m.add_class::<bindings::PyJob>()?;
     m.add_class::<bindings::ThreadCore>()?;
     m.add_class::<board::JobBoard>()?;
     m.add_function(wrap_pyfunction!(bindings::worker_main, m)?)?;
     m.add_function(wrap_pyfunction!(bindings::forkserver_main, m)?)?;
+    m.add_function(wrap_pyfunction!(bindings::forward_log, m)?)?;
+    m.add_function(wrap_pyfunction!(bindings::reset_log_cache, m)?)?;
     Ok(())
 }

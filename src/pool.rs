@@ -135,6 +135,8 @@ struct Sched {
     broken: Option<String>,
     /// Why the last launch failed, if it did (only this makes `Core::start` fail).
     launch_error: Option<String>,
+    /// Payloads of LOG frames read and not yet handed to `PoolConfig::log_sink`.
+    forwarded: Vec<Vec<u8>>,
 }
 
 enum SuperviseMsg {
@@ -145,7 +147,12 @@ enum SuperviseMsg {
 pub struct PoolConfig {
     pub processes: usize,
     pub max_tasks_per_child: Option<u64>,
+    /// Gets the payloads of workers' LOG frames, on rpool-io, outside the scheduler lock and
+    /// before the results read with them are delivered. Without one, LOG frames are dropped.
+    pub log_sink: Option<LogSink>,
 }
+
+pub type LogSink = Box<dyn Fn(Vec<Vec<u8>>) + Send + Sync>;
 
 pub struct Core {
     config: PoolConfig,
@@ -206,6 +213,7 @@ impl Core {
                 init_failures: 0,
                 broken: None,
                 launch_error: None,
+                forwarded: Vec::new(),
             }),
             changed: Condvar::new(),
             epoll,
@@ -565,6 +573,12 @@ impl Core {
         }
     }
 
+    fn forward(&self, records: Vec<Vec<u8>>) {
+        if let (Some(sink), false) = (&self.config.log_sink, records.is_empty()) {
+            sink(records);
+        }
+    }
+
     /// Record outcomes outside the scheduler lock, then hand finished jobs on.
     fn finish(&self, done: Vec<(InFlight, Outcome)>) {
         for (flight, outcome) in done {
@@ -722,6 +736,7 @@ impl Core {
             // Logging takes the GIL (pyo3-log), and a Python thread may hold the GIL while it waits
             // for the scheduler lock: so lines are logged only after the lock is released.
             let mut logs = Vec::new();
+            let forwarded;
             {
                 let mut s = self.lock();
                 for ev in &events[..n as usize] {
@@ -754,14 +769,18 @@ impl Core {
                 self.expire_overdue(&mut s, &mut done, &mut logs);
                 self.pump(&mut s);
                 self.check_finished(&mut s);
+                forwarded = std::mem::take(&mut s.forwarded);
                 if self.is_finished(&s) {
                     drop(s);
                     emit(logs);
+                    self.forward(forwarded);
                     self.finish(done);
                     return;
                 }
             }
             emit(logs);
+            // Records first: a task's log lines reach the parent before its result does.
+            self.forward(forwarded);
             self.finish(done);
         }
     }
@@ -802,6 +821,11 @@ impl Core {
                         };
                         timings.push(h.aux);
                         done.push((flight, outcome));
+                    }
+                    kind::LOG => {
+                        if self.config.log_sink.is_some() {
+                            s.forwarded.push(body.to_vec());
+                        }
                     }
                     kind::INIT_FAILED => {
                         w.init_error = Some(String::from_utf8_lossy(body).into_owned())
@@ -1074,7 +1098,8 @@ mod tests {
     use crate::launch::worker_pipes;
     use std::time::Instant;
 
-    /// A worker without Python: `echo:X` answers X, `sleep:MS` sleeps then answers, `die` exits 7.
+    /// A worker without Python: `echo:X` answers X, `sleep:MS` sleeps then answers, `die` exits 7,
+    /// `log:X` sends X as a LOG frame, then answers X.
     struct FakeLauncher;
 
     impl Launch for FakeLauncher {
@@ -1085,6 +1110,7 @@ mod tests {
             if pid == 0 {
                 crate::launch::die_with_parent(parent);
                 let (task, result) = (pipes.task_r.as_raw_fd(), pipes.result_w.as_raw_fd());
+                crate::child::attach_result_pipe(result);
                 let _ = crate::child::send(result, kind::READY, 0, 0, &[]);
                 let mut reader = FrameReader::new();
                 let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(task) };
@@ -1096,11 +1122,15 @@ mod tests {
                     if text == "die" {
                         unsafe { libc::_exit(7) };
                     }
+                    if let Some(record) = text.strip_prefix("log:") {
+                        let _ = crate::child::send_log(record.as_bytes());
+                    }
                     let answer = if let Some(ms) = text.strip_prefix("sleep:") {
                         std::thread::sleep(Duration::from_millis(ms.parse().unwrap()));
                         ms.to_string()
                     } else {
-                        text.trim_start_matches("echo:").to_string()
+                        let text = text.trim_start_matches("echo:");
+                        text.trim_start_matches("log:").to_string()
                     };
                     let _ = crate::child::send(result, kind::VALUE, h.id, 1000, answer.as_bytes());
                 }
@@ -1120,8 +1150,47 @@ mod tests {
         let config = PoolConfig {
             processes,
             max_tasks_per_child: max_tasks,
+            log_sink: None,
         };
         Core::start(config, Arc::new(FakeLauncher)).unwrap().0
+    }
+
+    #[test]
+    fn log_frames_reach_the_sink_before_their_results() {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink_received = received.clone();
+        let config = PoolConfig {
+            processes: 2,
+            max_tasks_per_child: None,
+            log_sink: Some(Box::new(move |records| {
+                sink_received.lock().unwrap().extend(records)
+            })),
+        };
+        let core = Core::start(config, Arc::new(FakeLauncher)).unwrap().0;
+        for round in 0..20 {
+            let payload = format!("log:record {round}");
+            let job = run(&core, &[&payload]);
+            assert_eq!(
+                received.lock().unwrap().last().cloned(),
+                Some(format!("record {round}").into_bytes()),
+                "the record was handed on before the result"
+            );
+            assert_eq!(
+                job.take(0),
+                Some(Outcome::Value(format!("record {round}").into_bytes()))
+            );
+        }
+        assert_eq!(received.lock().unwrap().len(), 20);
+        shut_down(&core);
+    }
+
+    #[test]
+    fn log_frames_are_dropped_without_a_sink() {
+        let core = pool(1, None);
+        let job = run(&core, &["log:x", "echo:y"]);
+        assert_eq!(job.take(0), Some(Outcome::Value(b"x".to_vec())));
+        assert_eq!(job.take(1), Some(Outcome::Value(b"y".to_vec())));
+        shut_down(&core);
     }
 
     fn run(core: &Arc<Core>, payloads: &[&str]) -> Arc<Job> {

@@ -1,6 +1,10 @@
 """rpool: a drop-in `multiprocessing.Pool` whose core is written in Rust."""
 
+from __future__ import annotations
+
 import multiprocessing as _mp
+from collections.abc import Callable, Iterable
+from typing import Any
 from multiprocessing import TimeoutError
 
 from .pool import (
@@ -42,21 +46,28 @@ cpu_count = _mp.cpu_count
 class Context:
     """A start method, as `multiprocessing.get_context(method)` gives, whose `Pool` is rpool's."""
 
-    def __init__(self, method):
+    def __init__(self, method: str) -> None:
         self._method = method
 
-    def get_start_method(self, allow_none=False):
+    def get_start_method(self, allow_none: bool = False) -> str:
         return self._method
 
-    def Pool(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None, **options):
+    def Pool(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        **options: Any,
+    ) -> Pool:
         """`rpool.Pool` with this start method; `options` are rpool's own keywords."""
         return Pool(processes, initializer, initargs, maxtasksperchild, context=self, **options)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<rpool.Context {self._method!r}>"
 
 
-def get_context(method=None):
+def get_context(method: str | None = None) -> Context:
     """The context for `method` ('fork', 'spawn', 'forkserver'); None means Python's default."""
     if method is None:
         method = _mp.get_context().get_start_method()
@@ -65,7 +76,7 @@ def get_context(method=None):
     return Context(method)
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     # `rpool.distributed` needs Dask, so it is imported on first use, never by `import rpool`.
     if name == "distributed":
         import importlib

@@ -11,6 +11,9 @@ import asyncio
 import itertools
 import os
 import weakref
+from collections.abc import Callable
+
+from ._rpool import Job
 
 _tokens = itertools.count(1)
 _wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = weakref.WeakKeyDictionary()
@@ -21,12 +24,12 @@ class _LoopWaker:
         self._loop = weakref.ref(loop)
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.token = next(_tokens)
-        self._waiters: list[tuple[object, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._reading = False
         weakref.finalize(self, os.close, self.fd)
 
-    def wait(self, job, condition) -> asyncio.Future[None]:
-        loop = self._loop()
+    def wait(self, job: Job, condition: Callable[[], bool]) -> asyncio.Future[None]:
+        loop = self._live_loop()
         future = loop.create_future()
         # Registered before the check: a change after it writes to the eventfd.
         job.add_waker(self.token, self.fd)
@@ -38,6 +41,12 @@ class _LoopWaker:
             loop.add_reader(self.fd, self._on_wake)
             self._reading = True
         return future
+
+    def _live_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop()
+        if loop is None:
+            raise RuntimeError("rpool: the event loop is gone")
+        return loop
 
     def _on_wake(self) -> None:
         try:
@@ -54,11 +63,11 @@ class _LoopWaker:
                 waiting.append((condition, future))
         self._waiters = waiting
         if not waiting:
-            self._loop().remove_reader(self.fd)
+            self._live_loop().remove_reader(self.fd)
             self._reading = False
 
 
-def until(job, condition) -> asyncio.Future[None]:
+def until(job: Job, condition: Callable[[], bool]) -> asyncio.Future[None]:
     """A future of the running loop, done once `condition()` holds; `job` says when to re-check."""
     loop = asyncio.get_running_loop()
     waker = _wakers.get(loop)

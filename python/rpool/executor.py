@@ -20,7 +20,7 @@ from .pool import Pool
 __all__ = ["ProcessPoolExecutor"]
 
 
-class _Future(concurrent.futures.Future):
+class _Future(concurrent.futures.Future[Any]):
     """A future whose `cancel()` also takes its task out of the pool's queue."""
 
     def __init__(self) -> None:

@@ -14,8 +14,8 @@ import os
 from typing import Any, Callable, NamedTuple
 
 try:
-    import joblib as _joblib
-    from joblib.parallel import ParallelBackendBase as _ParallelBackendBase
+    import joblib as _joblib  # type: ignore[import-untyped, unused-ignore]
+    from joblib.parallel import ParallelBackendBase as _ParallelBackendBase  # type: ignore[import-untyped, unused-ignore]
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("rpool.joblib needs joblib: pip install 'rpool[joblib]'") from exc
 
@@ -29,7 +29,7 @@ class _Outcome(NamedTuple):
     value: Any
 
 
-class RpoolBackend(_ParallelBackendBase):
+class RpoolBackend(_ParallelBackendBase):  # type: ignore[misc, unused-ignore]
     """Runs joblib's batches of calls as `apply_async` tasks on an `rpool.Pool`.
 
     Keyword arguments given to `parallel_config(backend="rpool", ...)` go to `rpool.Pool`

@@ -10,6 +10,7 @@ import atexit
 import collections
 import concurrent.futures
 import functools
+import importlib
 import itertools
 import logging
 import multiprocessing
@@ -17,15 +18,19 @@ import os
 import pickle
 import reprlib
 import threading
+import types
 import warnings
 import weakref
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence, Sized
 from multiprocessing import TimeoutError
 from multiprocessing import spawn as _spawn
-from multiprocessing.pool import MaybeEncodingError
+from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
 
-from . import _aio, _rpool
+from . import _aio, _progress, _rpool
 from ._worker import dumps as _dumps
-from ._worker import bootstrap_forked, mapstar, starmapstar
+from ._worker import bootstrap_forked, cloud_dumps, mapstar, starmapstar
 
 __all__ = [
     "Pool",
@@ -40,6 +45,13 @@ __all__ = [
 ]
 
 _log = logging.getLogger("rpool")
+
+T = TypeVar("T")
+S = TypeVar("S")
+
+# What a callback gets: the result; what an error callback gets: the exception.
+Callback = Callable[[T], object]
+ErrorCallback = Callable[[BaseException], object]
 
 RUN = "RUN"
 CLOSE = "CLOSE"
@@ -80,7 +92,7 @@ class RemoteError(Exception):
     """A worker raised an exception that could not be rebuilt in the parent."""
 
 
-def _decode(job, part):
+def _decode(job: _rpool.Job, part: int) -> tuple[bool, Any]:
     """Turn part `part`'s outcome into `(success, value or exception)`."""
     taken = job.take(part)
     if taken is None:
@@ -110,40 +122,43 @@ def _decode(job, part):
     return False, PoolTerminatedError(data)
 
 
-class ApplyResult:
+class ApplyResult(Generic[T]):
     """The result of `apply_async`: `get`, `wait`, `ready`, `successful`, as the stdlib's."""
 
     __slots__ = ("_job", "_callback", "_error_callback", "_settled", "_success", "_value", "__weakref__")
 
-    def __init__(self, job, callback=None, error_callback=None):
+    def __init__(
+        self, job: _rpool.Job, callback: Callback[T] | None = None, error_callback: ErrorCallback | None = None
+    ) -> None:
         self._job = job
-        self._callback = callback
+        self._callback: Callable[[Any], object] | None = callback
         self._error_callback = error_callback
         self._settled = False
-        self._success = None
-        self._value = None
+        self._success: bool | None = None
+        self._value: Any = None
 
-    def ready(self):
+    def ready(self) -> bool:
         return self._job.ready()
 
-    def successful(self):
+    def successful(self) -> bool:
         if not self.ready():
             raise ValueError(f"{self!r} not ready")
         self._settle()
-        return self._success
+        return bool(self._success)
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: float | None = None) -> None:
         self._wait(timeout)
 
-    def get(self, timeout=None):
+    def get(self, timeout: float | None = None) -> T:
         if not self._wait(timeout):
             raise TimeoutError
         self._settle()
         if self._success:
-            return self._value
+            value: T = self._value
+            return value
         raise self._value
 
-    def _wait(self, timeout):
+    def _wait(self, timeout: float | None) -> bool:
         job = self._job
         if (
             getattr(_callback_thread, "active", False)
@@ -158,15 +173,15 @@ class ApplyResult:
             return True
         return job.wait(timeout)
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, T]:
         """`await result`: the value (or the exception), without blocking the event loop."""
         yield from _aio.until(self._job, self._job.ready).__await__()
         return self.get()
 
-    def _collect(self):
+    def _collect(self) -> tuple[bool, Any]:
         return _decode(self._job, 0)
 
-    def _settle(self):
+    def _settle(self) -> None:
         if self._settled:
             return
         with _settle_lock:
@@ -174,7 +189,7 @@ class ApplyResult:
                 self._success, self._value = self._collect()
                 self._settled = True
 
-    def _run_callbacks(self):
+    def _run_callbacks(self) -> None:
         """On rpool-callbacks: call the callback, then let waiters in."""
         try:
             self._settle()
@@ -193,50 +208,68 @@ class ApplyResult:
 AsyncResult = ApplyResult
 
 
-class MapResult(ApplyResult):
+class MapResult(ApplyResult[list[T]]):
     """The result of `map_async`/`starmap_async`: one part per chunk, values in input order."""
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_parts", "_progress")
 
-    def __init__(self, job, parts, callback=None, error_callback=None):
+    def __init__(
+        self,
+        job: _rpool.Job,
+        parts: int,
+        callback: Callback[list[T]] | None = None,
+        error_callback: ErrorCallback | None = None,
+    ) -> None:
         super().__init__(job, callback, error_callback)
         self._parts = parts
+        self._progress: _progress.Tracker | None = None
 
-    def _collect(self):
-        values = []
+    def _wait(self, timeout: float | None) -> bool:
+        if not super()._wait(timeout):
+            return False
+        if self._progress is not None:
+            # The bar shows every item by the time `get()` returns, not a moment later.
+            self._progress.finish()
+        return True
+
+    def _collect(self) -> tuple[bool, Any]:
+        values: list[Any] | None = []
         failure = None
         for part in range(self._parts):
             ok, value = _decode(self._job, part)
-            if ok and failure is None:
+            if ok and failure is None and values is not None:
                 values.append(value)
             elif not ok and failure is None:
                 failure = value
                 values = None
         if failure is not None:
             return False, failure
-        return True, list(itertools.chain.from_iterable(values))
+        return True, list(itertools.chain.from_iterable(values or ()))
 
 
-class IMapIterator:
+class IMapIterator(Generic[T]):
     """The iterator of `imap` (in order) and `imap_unordered` (as tasks finish)."""
 
-    def __init__(self, job, ordered, chunked):
+    def __init__(self, job: _rpool.Job, ordered: bool, chunked: bool) -> None:
         self._job = job
         self._ordered = ordered
         self._chunked = chunked
         self._next_part = 0
-        self._buffer = collections.deque()
-        self._input_error = None
+        self._buffer: collections.deque[T] = collections.deque()
+        self._input_error: BaseException | None = None
         self._lock = threading.Lock()
+        self._progress: _progress.Tracker | None = None
 
-    def __iter__(self):
+    def __iter__(self) -> Self:
         return self
 
-    def next(self, timeout=None):
+    def next(self, timeout: float | None = None) -> T:
         with self._lock:
             while not self._buffer:
                 part = self._wait_next_part(timeout)
                 if part is None:
+                    if self._progress is not None:
+                        self._progress.finish()
                     error, self._input_error = self._input_error, None
                     if error is not None:
                         raise error
@@ -247,15 +280,16 @@ class IMapIterator:
                 if self._chunked:
                     self._buffer.extend(value)
                 else:
-                    return value
+                    item: T = value
+                    return item
             return self._buffer.popleft()
 
     __next__ = next
 
-    def __aiter__(self):
+    def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self):
+    async def __anext__(self) -> T:
         """`async for` over the results, waiting on the event loop instead of blocking it."""
         while True:
             try:
@@ -265,14 +299,14 @@ class IMapIterator:
             except TimeoutError:
                 await _aio.until(self._job, self._has_next)
 
-    def _has_next(self):
+    def _has_next(self) -> bool:
         if self._buffer:
             return True
         if self._ordered:
             return self._job.wait_part(self._next_part, 0)
         return self._job.wait_any(0)
 
-    def _wait_next_part(self, timeout):
+    def _wait_next_part(self, timeout: float | None) -> int | None:
         """The index of the next part to yield, or None when every part was yielded."""
         job = self._job
         if self._ordered:
@@ -289,7 +323,7 @@ class IMapIterator:
         return job.pop_finished()
 
 
-def _chunks(iterable, size, numbered=False):
+def _chunks(iterable: Iterable[Any], size: int, numbered: bool = False) -> Iterator[Any]:
     """Tuples of up to `size` items; with `numbered`, `(index of the first item, chunk)` pairs."""
     it = iter(iterable)
     start = 0
@@ -301,7 +335,7 @@ def _chunks(iterable, size, numbered=False):
         start += len(chunk)
 
 
-def _input_items(chunk, start):
+def _input_items(chunk: Sequence[Any], start: int) -> list[tuple[str, Any]]:
     return [(f"input item {start + i}", item) for i, item in enumerate(chunk)]
 
 
@@ -309,7 +343,7 @@ def _input_items(chunk, start):
 _callback_thread = threading.local()
 
 
-def _deliver(cache, job_ids):
+def _deliver(cache: dict[int, ApplyResult[Any]], job_ids: Iterable[int]) -> None:
     """Run on rpool-callbacks with the GIL: the callbacks of jobs that just finished."""
     _callback_thread.active = True
     for job_id in job_ids:
@@ -318,7 +352,7 @@ def _deliver(cache, job_ids):
             result._run_callbacks()
 
 
-def _label(func):
+def _label(func: object) -> str:
     """How error messages name a task's function: `module.qualname`."""
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
     if not isinstance(name, str):
@@ -327,28 +361,73 @@ def _label(func):
     return f"{module}.{name}" if isinstance(module, str) else name
 
 
+def _bar_label(func: object) -> str | None:
+    """A progress bar's default description: the function's own name."""
+    name = getattr(func, "__name__", None)
+    return name if isinstance(name, str) else None
+
+
 # Names an object in an error message without printing all of a huge one.
 _short_repr = reprlib.Repr()
 _short_repr.maxother = _short_repr.maxstring = 120
 
 
-def _dump_task(call, func, parts, dumps=_dumps):
+def _dump_task(
+    call: tuple[Any, ...],
+    func: object,
+    parts: Callable[[], list[tuple[str, Any]]],
+    dumps: Callable[[Any], bytes] = _dumps,
+) -> bytes:
     """Pickle `call` for a worker with `dumps`. If it cannot be, find which of the function and
     `parts()` (`(what, object)` pairs: the arguments or input items) is to blame, and say so."""
     try:
         return dumps(call)
     except Exception as exc:
-        culprit = "the task"
+        culprit, blamed = "the task", None  # type: tuple[str, object]
         for what, obj in [("the function", func), *parts()]:
             try:
                 dumps(obj)
             except Exception:
-                culprit = f"{what} {_short_repr.repr(obj)}"
+                culprit, blamed = f"{what} {_short_repr.repr(obj)}", obj
                 break
-        raise UnpicklableTaskError(f"cannot pickle {culprit} for {_label(func)}: {exc}") from exc
+        hint = _CLOUDPICKLE_HINT if dumps is _dumps and _cloudpickle_would_help(blamed, exc) else ""
+        raise UnpicklableTaskError(f"cannot pickle {culprit} for {_label(func)}: {exc}{hint}") from exc
 
 
-def _check_seconds(value, what):
+_CLOUDPICKLE_HINT = (
+    '; to send lambdas, closures and locally defined functions or classes, make the pool with '
+    'serializer="cloudpickle" (pip install "rpool[cloudpickle]")'
+)
+
+
+def _cloudpickle_would_help(obj: object, exc: Exception) -> bool:
+    """Plain pickle refused a function or class it could only send by name."""
+    if isinstance(obj, (types.FunctionType, types.MethodType, functools.partial, type)):
+        return True
+    text = str(exc)
+    return "<lambda>" in text or "<locals>" in text or "local object" in text
+
+
+_SERIALIZERS = ("pickle", "cloudpickle")
+
+
+def _task_dumps(serializer: str) -> Callable[[Any], bytes]:
+    """How tasks are pickled for `Pool(serializer=)`."""
+    if serializer not in _SERIALIZERS:
+        raise ValueError(f"serializer must be 'pickle' or 'cloudpickle', not {serializer!r}")
+    if serializer == "pickle":
+        return _dumps
+    try:
+        importlib.import_module("cloudpickle")  # only to fail here, early and clearly
+    except ImportError as exc:
+        raise ImportError(
+            'serializer="cloudpickle" needs cloudpickle, which is not installed: pip install "rpool[cloudpickle]"',
+            name="cloudpickle",
+        ) from exc
+    return cloud_dumps
+
+
+def _check_seconds(value: object, what: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -358,7 +437,9 @@ def _check_seconds(value, what):
     return float(value)
 
 
-def _check_pool_arguments(processes, initializer, maxtasksperchild=None):
+def _check_pool_arguments(
+    processes: int | None, initializer: Callable[..., object] | None, maxtasksperchild: int | None = None
+) -> int:
     """The stdlib's checks of a pool's arguments; returns the number of workers."""
     if processes is None:
         processes = os.cpu_count() or 1
@@ -372,15 +453,15 @@ def _check_pool_arguments(processes, initializer, maxtasksperchild=None):
     return processes
 
 
-def _start_method(context):
+def _start_method(context: Any) -> str:
     if context is None:
         return multiprocessing.get_context().get_start_method()
-    return context.get_start_method()
+    return str(context.get_start_method())
 
 
 _NAME_PREFIX = {"fork": "Fork", "spawn": "Spawn", "forkserver": "ForkServer"}
 
-_live_pools = weakref.WeakSet()
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
 class Pool:
@@ -389,21 +470,30 @@ class Pool:
     # How a call `(func, args, kwds)` goes to the core: `_pack(call, func, parts)` pickles it
     # (naming the part that cannot be); ThreadPool passes it as it is.
     _pack = staticmethod(_dump_task)
+    # The core that runs the tasks: `_rpool.PoolCore` here, another for ThreadPool and Dask.
+    _core: Any
 
     def __init__(
         self,
-        processes=None,
-        initializer=None,
-        initargs=(),
-        maxtasksperchild=None,
-        context=None,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        context: Any = None,
         *,
-        task_timeout=None,
-        max_memory_per_child=None,
-    ):
+        task_timeout: float | None = None,
+        max_memory_per_child: int | None = None,
+        forward_logs: bool = False,
+        serializer: str = "pickle",
+    ) -> None:
         self._state = "INIT"
-        self._cache = {}
+        self._cache: dict[int, ApplyResult[Any]] = {}
+        # The core caches logging levels; a level set since the last pool applies to this one.
+        _rpool.reset_log_cache()
         processes = _check_pool_arguments(processes, initializer, maxtasksperchild)
+        dumps = _task_dumps(serializer)
+        if dumps is not _dumps:
+            self._pack = functools.partial(_dump_task, dumps=dumps)
         self._task_timeout = _check_seconds(task_timeout, "task_timeout")
         if max_memory_per_child is not None:
             if isinstance(max_memory_per_child, bool) or not isinstance(max_memory_per_child, int):
@@ -424,42 +514,61 @@ class Pool:
             "maxtasks": maxtasksperchild,
             "max_memory": max_memory_per_child,
             "name_prefix": _NAME_PREFIX[method],
+            # Workers send records at or above the parent's root level at this moment.
+            "forward_logs": logging.getLogger().getEffectiveLevel() if forward_logs else None,
+            "serializer": serializer,
         }
+        log_sink = _handle_worker_records if forward_logs else None
         deliver = functools.partial(_deliver, self._cache)
         if method == "fork":
             bootstrap = functools.partial(bootstrap_forked, setup)
-            self._core = _rpool.PoolCore(processes, method, maxtasksperchild, deliver, fork_bootstrap=bootstrap)
+            self._core = _rpool.PoolCore(
+                processes, method, maxtasksperchild, deliver, fork_bootstrap=bootstrap, log_sink=log_sink
+            )
         else:
             prep = _spawn.get_preparation_data(f"{_NAME_PREFIX[method]}PoolWorker")
             # The stdlib refuses to pickle an AuthenticationString outside its own spawning.
             prep["authkey"] = bytes(prep["authkey"])
-            preamble = [pickle.dumps(prep, pickle.HIGHEST_PROTOCOL), _dumps(setup)]
+            preamble = [pickle.dumps(prep, pickle.HIGHEST_PROTOCOL), dumps(setup)]
             entry = "forkserver_main" if method == "forkserver" else "spawn_main"
             self._core = _rpool.PoolCore(
-                processes, method, maxtasksperchild, deliver, exec_argv=_exec_command(entry), exec_preamble=preamble
+                processes,
+                method,
+                maxtasksperchild,
+                deliver,
+                exec_argv=_exec_command(entry),
+                exec_preamble=preamble,
+                log_sink=log_sink,
             )
         self._state = RUN
         _live_pools.add(self)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<{type(self).__module__}.{type(self).__qualname__} state={self._state} pool_size={self._processes}>"
 
-    def __reduce__(self):
+    def __reduce__(self) -> Any:
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
 
-    def _check_running(self):
+    def _check_running(self) -> None:
         if self._state != RUN:
             raise ValueError("Pool not running")
 
     # --- single calls ---------------------------------------------------------------------
 
-    def _time_limit(self, timeout):
+    def _time_limit(self, timeout: float | None) -> float | None:
         """A call's `timeout=` (seconds each task may run), or the pool's `task_timeout`."""
         if timeout is None:
             return self._task_timeout
         return _check_seconds(timeout, "timeout")
 
-    def apply(self, func, args=(), kwds={}, *, timeout=None):
+    def apply(
+        self,
+        func: Callable[..., T],
+        args: Iterable[Any] = (),
+        kwds: Mapping[str, Any] = {},
+        *,
+        timeout: float | None = None,
+    ) -> T:
         """Call `func(*args, **kwds)` in a worker and return its result.
 
         `timeout`: seconds the call may run in the worker; past that, the worker is killed and
@@ -468,7 +577,16 @@ class Pool:
         self._check_running()
         return self.apply_async(func, args, kwds, timeout=timeout).get()
 
-    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None, *, timeout=None):
+    def apply_async(
+        self,
+        func: Callable[..., T],
+        args: Iterable[Any] = (),
+        kwds: Mapping[str, Any] = {},
+        callback: Callback[T] | None = None,
+        error_callback: ErrorCallback | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> ApplyResult[T]:
         """Start `func(*args, **kwds)` in a worker; returns an `AsyncResult`."""
         self._check_running()
         limit = self._time_limit(timeout)
@@ -480,7 +598,7 @@ class Pool:
         )
         has_callbacks = callback is not None or error_callback is not None
         job = self._core.new_job(1, has_callbacks, _label(func), limit)
-        result = ApplyResult(job, callback, error_callback)
+        result: ApplyResult[T] = ApplyResult(job, callback, error_callback)
         if has_callbacks:
             self._cache[job.id] = result
         self._core.submit(job, 0, payload)
@@ -490,36 +608,89 @@ class Pool:
 
     # `timeout=` on the map family limits how long each chunk may run in a worker.
 
-    def map(self, func, iterable, chunksize=None, *, timeout=None):
-        return self._map_async(func, iterable, mapstar, chunksize, timeout=timeout).get()
+    # `progress=` on the map family: True, a tqdm instance or a dict of tqdm keywords shows a
+    # bar in the parent that advances by items as tasks end (see `_progress`).
 
-    def starmap(self, func, iterable, chunksize=None, *, timeout=None):
-        return self._map_async(func, iterable, starmapstar, chunksize, timeout=timeout).get()
+    def map(
+        self,
+        func: Callable[[S], T],
+        iterable: Iterable[S],
+        chunksize: int | None = None,
+        *,
+        timeout: float | None = None,
+        progress: _progress.Progress = None,
+    ) -> list[T]:
+        return self._map_async(func, iterable, mapstar, chunksize, timeout=timeout, progress=progress).get()
 
-    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *, timeout=None):
-        return self._map_async(func, iterable, mapstar, chunksize, callback, error_callback, timeout)
+    def starmap(
+        self,
+        func: Callable[..., T],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        *,
+        timeout: float | None = None,
+        progress: _progress.Progress = None,
+    ) -> list[T]:
+        return self._map_async(func, iterable, starmapstar, chunksize, timeout=timeout, progress=progress).get()
 
-    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *, timeout=None):
-        return self._map_async(func, iterable, starmapstar, chunksize, callback, error_callback, timeout)
+    def map_async(
+        self,
+        func: Callable[[S], T],
+        iterable: Iterable[S],
+        chunksize: int | None = None,
+        callback: Callback[list[T]] | None = None,
+        error_callback: ErrorCallback | None = None,
+        *,
+        timeout: float | None = None,
+        progress: _progress.Progress = None,
+    ) -> MapResult[T]:
+        return self._map_async(func, iterable, mapstar, chunksize, callback, error_callback, timeout, progress)
 
-    def _map_async(self, func, iterable, mapper, chunksize=None, callback=None, error_callback=None, timeout=None):
+    def starmap_async(
+        self,
+        func: Callable[..., T],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callback[list[T]] | None = None,
+        error_callback: ErrorCallback | None = None,
+        *,
+        timeout: float | None = None,
+        progress: _progress.Progress = None,
+    ) -> MapResult[T]:
+        return self._map_async(func, iterable, starmapstar, chunksize, callback, error_callback, timeout, progress)
+
+    def _map_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        mapper: Callable[..., Any],
+        chunksize: int | None = None,
+        callback: Callback[Any] | None = None,
+        error_callback: ErrorCallback | None = None,
+        timeout: float | None = None,
+        progress: _progress.Progress = None,
+    ) -> MapResult[Any]:
         self._check_running()
         limit = self._time_limit(timeout)
         if not hasattr(iterable, "__len__"):
             iterable = list(iterable)
         if chunksize is None:
-            chunksize, extra = divmod(len(iterable), self._processes * 4)
+            chunksize, extra = divmod(len(iterable), self._processes * 4)  # type: ignore[arg-type]
             if extra:
                 chunksize += 1
         elif chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        chunks = list(_chunks(iterable, max(chunksize, 1), numbered=True))
         payloads = [
             self._pack((mapper, (func, chunk), {}), func, functools.partial(_input_items, chunk, start))
-            for start, chunk in _chunks(iterable, max(chunksize, 1), numbered=True)
+            for start, chunk in chunks
         ]
         has_callbacks = callback is not None or error_callback is not None
+        bar = _progress.open_bar(progress, len(iterable), _bar_label(func))  # type: ignore[arg-type]
         job = self._core.new_job(len(payloads), has_callbacks, _label(func), limit)
-        result = MapResult(job, len(payloads), callback, error_callback)
+        result: MapResult[Any] = MapResult(job, len(payloads), callback, error_callback)
+        if bar is not None:
+            result._progress = _progress.Tracker(job, *bar, [len(chunk) for _, chunk in chunks])
         if not payloads:
             # As the stdlib: an empty map is ready at once, and its callback is not called.
             job.mark_ready()
@@ -530,26 +701,58 @@ class Pool:
             self._core.submit(job, part, payload)
         return result
 
-    def imap(self, func, iterable, chunksize=1, *, timeout=None):
+    def imap(
+        self,
+        func: Callable[[S], T],
+        iterable: Iterable[S],
+        chunksize: int = 1,
+        *,
+        timeout: float | None = None,
+        progress: _progress.Progress = None,
+    ) -> IMapIterator[T]:
         """Like `map`, but lazy: results are yielded in order as they arrive."""
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        return self._imap(func, iterable, chunksize, ordered=True, timeout=timeout)
+        return self._imap(func, iterable, chunksize, ordered=True, timeout=timeout, progress=progress)
 
-    def imap_unordered(self, func, iterable, chunksize=1, *, timeout=None):
+    def imap_unordered(
+        self,
+        func: Callable[[S], T],
+        iterable: Iterable[S],
+        chunksize: int = 1,
+        *,
+        timeout: float | None = None,
+        progress: _progress.Progress = None,
+    ) -> IMapIterator[T]:
         """Like `imap`, but results are yielded as soon as they are ready."""
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
-        return self._imap(func, iterable, chunksize, ordered=False, timeout=timeout)
+        return self._imap(func, iterable, chunksize, ordered=False, timeout=timeout, progress=progress)
 
-    def _imap(self, func, iterable, chunksize, ordered, timeout):
+    def _imap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int,
+        ordered: bool,
+        timeout: float | None,
+        progress: _progress.Progress = None,
+    ) -> IMapIterator[Any]:
+        # The bar first: if it cannot be made, no open job is left for close() to wait on.
+        total = len(iterable) if isinstance(iterable, Sized) else None
+        bar = _progress.open_bar(progress, total, _bar_label(func))
         job = self._core.new_job(None, False, _label(func), self._time_limit(timeout))
-        result = IMapIterator(job, ordered, chunked=chunksize != 1)
+        result: IMapIterator[Any] = IMapIterator(job, ordered, chunked=chunksize != 1)
+        # Chunk sizes, appended by the feeder before each chunk goes out; None: one item per task.
+        sizes: list[int] | None = None
+        if bar is not None:
+            sizes = [] if chunksize != 1 else None
+            result._progress = _progress.Tracker(job, *bar, sizes)
         feeder = threading.Thread(
             target=_feed,
-            args=(self._core, job, result, func, iterable, chunksize, self._pack),
+            args=(self._core, job, result, func, iterable, chunksize, self._pack, sizes),
             name="rpool-feed",
             daemon=True,
         )
@@ -558,13 +761,13 @@ class Pool:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def close(self):
+    def close(self) -> None:
         """No more tasks; workers exit once the queued ones are done."""
         if self._state == RUN:
             self._state = CLOSE
             self._core.close()
 
-    def terminate(self):
+    def terminate(self) -> None:
         """Kill the workers now; unfinished tasks fail with PoolTerminatedError."""
         if self._state == "INIT":
             return
@@ -573,7 +776,7 @@ class Pool:
         self._cache.clear()
         _live_pools.discard(self)
 
-    def join(self):
+    def join(self) -> None:
         """Wait for the workers to exit (after `close` or `terminate`) and the callbacks to run."""
         if self._state == RUN:
             raise ValueError("Pool is still running")
@@ -582,28 +785,54 @@ class Pool:
         self._core.join()
         _live_pools.discard(self)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         self._check_running()
         return self
 
-    def __exit__(self, exc_type, exc_val, exc_tb):
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: TracebackType | None
+    ) -> None:
         self.terminate()
 
-    def __del__(self, _warn=warnings.warn):
+    def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_state", None) == RUN:
             _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
             self.terminate()
 
 
-def _feed(core, job, result, func, iterable, chunksize, pack):
+def _handle_worker_records(records: list[bytes]) -> None:
+    """On rpool-io (`Pool(forward_logs=True)`): hand workers' log records to this process's
+    loggers, filtered by their levels here, before the results that follow them are delivered."""
+    for data in records:
+        try:
+            record = logging.makeLogRecord(pickle.loads(data))
+            logger = logging.getLogger(record.name if record.name != "root" else None)
+            if logger.isEnabledFor(record.levelno):
+                logger.handle(record)
+        except Exception:
+            _log.exception("rpool: could not handle a log record from a worker")
+
+
+def _feed(
+    core: Any,
+    job: _rpool.Job,
+    result: IMapIterator[Any],
+    func: Callable[..., Any],
+    iterable: Iterable[Any],
+    chunksize: int,
+    pack: Callable[..., Any],
+    sizes: list[int] | None = None,
+) -> None:
     """On an rpool-feed thread: read `imap`'s input and submit it, as the stdlib's task handler."""
     mapper = mapstar if chunksize != 1 else None
     part = 0
     try:
         items = _chunks(iterable, chunksize) if mapper else iter(iterable)
         for item in items:
-            call = (mapper, (func, item), {}) if mapper else (func, (item,), {})
+            call: tuple[Any, ...] = (mapper, (func, item), {}) if mapper else (func, (item,), {})
             chunk = item if mapper else (item,)
+            if sizes is not None:
+                sizes.append(len(chunk))
             try:
                 payload = pack(call, func, functools.partial(_input_items, chunk, part * chunksize))
             except Exception as exc:
@@ -620,15 +849,15 @@ def _feed(core, job, result, func, iterable, chunksize, pack):
         core.seal(job, part)
 
 
-def _exec_command(entry):
-    from subprocess import _args_from_interpreter_flags
+def _exec_command(entry: str) -> list[str]:
+    from subprocess import _args_from_interpreter_flags  # type: ignore[attr-defined]
 
     exe = _spawn.get_executable()
     return [os.fsdecode(exe), *_args_from_interpreter_flags(), "-c", f"from rpool._worker import {entry}; {entry}()"]
 
 
 @atexit.register
-def _terminate_live_pools():
+def _terminate_live_pools() -> None:
     # A pool left open must not keep the interpreter from exiting, and the core's threads must be
     # gone before Python finalizes.
     for pool in list(_live_pools):

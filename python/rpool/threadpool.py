@@ -31,7 +31,7 @@ def _as_is(call: tuple[Any, ...], func: object = None, parts: object = None) -> 
 class ThreadPool(Pool):
     """A pool of threads with the API of `multiprocessing.pool.ThreadPool`."""
 
-    _pack = staticmethod(_as_is)
+    _pack = staticmethod(_as_is)  # type: ignore[assignment]
 
     def __init__(
         self,
