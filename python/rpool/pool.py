@@ -502,7 +502,7 @@ class Pool:
                 raise ValueError("max_memory_per_child must be a positive number of bytes or None")
         # A spawned worker re-importing a script without a main guard must not start pools of
         # its own, even "fork" ones (the stdlib refuses those too: its workers are daemonic).
-        _spawn._check_not_importing_main()
+        _spawn._check_not_importing_main()  # type: ignore[attr-defined]  # private, not in typeshed
         method = _start_method(context)
         if method not in _NAME_PREFIX:
             raise ValueError(f"cannot find context for {method!r}")
