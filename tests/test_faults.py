@@ -388,6 +388,8 @@ def test_a_blocked_callback_does_not_stop_the_pool():
 # --------------------------------------------------------------- stress
 
 
+# Under load a spawn replacement can take hundreds of ms, so this needs more than the default.
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("method, count", [("fork", 3000), ("forkserver", 2000), ("spawn", 400)])
 def test_random_worker_kills_lose_no_task(method, count):
     before = children()
