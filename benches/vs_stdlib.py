@@ -727,18 +727,26 @@ def plot(path, results, meta, both):
     except ImportError:
         print("--plot: matplotlib is not installed; skipped (pip install matplotlib)")
         return
-    rows = [r for r in results if r["ratio_rpool_vs_mp"]]
+    rows = [r for r in results if r["ratio_rpool_vs_mp"] and r["ratio_rpool_vs_mp"] > 0]
     labels = [r["workload"] for r in rows]
     ratios = [r["ratio_rpool_vs_mp"] for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
-    colors = ["tab:green" if x >= 1 else "tab:red" for x in ratios]
+    fig, ax = plt.subplots(figsize=(10, 0.42 * len(rows) + 1.8))
+    colors = ["tab:green" if r["target_met"] else ("tab:orange" if x >= 1 else "tab:red") for r, x in zip(rows, ratios)]
     ax.barh(range(len(rows)), ratios, color=colors)
+    for i, r in enumerate(rows):
+        if r.get("target_ratio"):
+            ax.plot([r["target_ratio"]] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2)
+        ax.text(ratios[i], i, f" {ratios[i]:.2f}x", va="center", fontsize=8)
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(labels)
+    ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()
-    ax.axvline(1.0, color="black", linewidth=1)
-    ax.set_xlabel("rpool vs multiprocessing (>1: rpool better)")
-    ax.set_title(f"rpool vs multiprocessing.Pool, start method {meta['start_method']!r}, Python {meta['python']}")
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="grey", linewidth=1)
+    ax.set_xlabel("rpool vs multiprocessing (>1: rpool better; black tick: the issue's target; green: met)")
+    ax.set_title(
+        f"rpool vs multiprocessing.Pool, start method {meta['start_method']!r}, Python {meta['python']}, "
+        f"{meta['cpu_count']} CPUs"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")

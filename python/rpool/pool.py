@@ -220,7 +220,7 @@ class MapResult(ApplyResult):
 class IMapIterator:
     """The iterator of `imap` (in order) and `imap_unordered` (as tasks finish)."""
 
-    def __init__(self, job, ordered, chunked):
+    def __init__(self, job, ordered, chunked, read_ahead=None):
         self._job = job
         self._ordered = ordered
         self._chunked = chunked
@@ -228,6 +228,8 @@ class IMapIterator:
         self._buffer = collections.deque()
         self._input_error = None
         self._lock = threading.Lock()
+        # Bounds how far the feeder reads the input ahead of this iterator (`buffersize`).
+        self._read_ahead = read_ahead
 
     def __iter__(self):
         return self
@@ -242,6 +244,8 @@ class IMapIterator:
                         raise error
                     raise StopIteration
                 ok, value = _decode(self._job, part)
+                if self._read_ahead is not None:
+                    self._read_ahead.part_yielded()
                 if not ok:
                     raise value
                 if self._chunked:
@@ -287,6 +291,78 @@ class IMapIterator:
         if not job.wait_any(timeout):
             raise TimeoutError
         return job.pop_finished()
+
+
+# `imap` input read ahead of the caller, per worker, in chunks, when no `buffersize` is given:
+# enough to keep every worker's prefetch full, small enough that an endless generator is fine.
+_READ_AHEAD_PER_WORKER = 64
+
+
+def _check_buffersize(buffersize):
+    """`imap`'s `buffersize`: None or a positive int (as CPython's `Pool.imap` checks it)."""
+    if buffersize is None:
+        return None
+    if isinstance(buffersize, bool) or not isinstance(buffersize, int):
+        raise TypeError(f"buffersize must be an integer or None, not {type(buffersize).__name__}")
+    if buffersize < 1:
+        raise ValueError(f"buffersize must be None or > 0, not {buffersize!r}")
+    return buffersize
+
+
+class _ReadAhead:
+    """How far an `imap` feeder may read its input: at most `limit` chunks submitted and not yet
+    yielded to the caller. Once at the limit the feeder waits until half of them were yielded,
+    so it wakes once per many results instead of once per result."""
+
+    def __init__(self, limit, pool):
+        self.limit = limit
+        self.submitted = 0
+        self.yielded = 0
+        # join() lifts the limit: close()+join() runs all of the input, as the stdlib's pool does.
+        self.unbounded = False
+        # terminate(), or the pool is gone: read no more.
+        self.stopped = False
+        self._pool = weakref.ref(pool)
+        self._feeder_waits = False
+        self._changed = threading.Condition(threading.Lock())
+
+    def _blocked(self, bound):
+        return self.submitted - self.yielded > bound and not (self.unbounded or self.stopped)
+
+    def wait_for_room(self):
+        """On the feeder, before it reads the next chunk. False once it must stop reading."""
+        with self._changed:
+            if self._blocked(self.limit - 1):
+                self._feeder_waits = True
+                while self._blocked(self.limit // 2):
+                    # Woken by part_yielded, lift or stop; the timeout notices a pool that was
+                    # dropped without terminate().
+                    if not self._changed.wait(1.0):
+                        pool = self._pool()
+                        if pool is None or pool._state == TERMINATE:
+                            self.stopped = True
+                self._feeder_waits = False
+            return not self.stopped
+
+    def part_submitted(self):
+        with self._changed:
+            self.submitted += 1
+
+    def part_yielded(self):
+        with self._changed:
+            self.yielded += 1
+            if self._feeder_waits and not self._blocked(self.limit // 2):
+                self._changed.notify()
+
+    def lift(self):
+        with self._changed:
+            self.unbounded = True
+            self._changed.notify()
+
+    def stop(self):
+        with self._changed:
+            self.stopped = True
+            self._changed.notify()
 
 
 def _chunks(iterable, size, numbered=False):
@@ -527,31 +603,45 @@ class Pool:
             self._core.submit(job, part, payload)
         return result
 
-    def imap(self, func, iterable, chunksize=1, *, timeout=None):
-        """Like `map`, but lazy: results are yielded in order as they arrive."""
+    def imap(self, func, iterable, chunksize=1, buffersize=None, *, timeout=None):
+        """Like `map`, but lazy: results are yielded in order as they arrive.
+
+        `buffersize`: at most this many chunks are read from `iterable` ahead of the results
+        yielded (default: 64 per worker), so an endless or huge generator is read as you go.
+        """
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        return self._imap(func, iterable, chunksize, ordered=True, timeout=timeout)
+        buffersize = _check_buffersize(buffersize)
+        return self._imap(func, iterable, chunksize, ordered=True, timeout=timeout, buffersize=buffersize)
 
-    def imap_unordered(self, func, iterable, chunksize=1, *, timeout=None):
+    def imap_unordered(self, func, iterable, chunksize=1, buffersize=None, *, timeout=None):
         """Like `imap`, but results are yielded as soon as they are ready."""
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
-        return self._imap(func, iterable, chunksize, ordered=False, timeout=timeout)
+        buffersize = _check_buffersize(buffersize)
+        return self._imap(func, iterable, chunksize, ordered=False, timeout=timeout, buffersize=buffersize)
 
-    def _imap(self, func, iterable, chunksize, ordered, timeout):
+    def _imap(self, func, iterable, chunksize, ordered, timeout, buffersize=None):
         job = self._core.new_job(None, False, _label(func), self._time_limit(timeout))
-        result = IMapIterator(job, ordered, chunked=chunksize != 1)
+        read_ahead = _ReadAhead(buffersize or _READ_AHEAD_PER_WORKER * self._processes, self)
+        read_aheads = self.__dict__.setdefault("_read_aheads", set())
+        read_aheads.add(read_ahead)
+        result = IMapIterator(job, ordered, chunked=chunksize != 1, read_ahead=read_ahead)
         feeder = threading.Thread(
             target=_feed,
-            args=(self._core, job, result, func, iterable, chunksize, self._pack),
+            args=(self._core, job, result, func, iterable, chunksize, self._pack, read_ahead, read_aheads),
             name="rpool-feed",
             daemon=True,
         )
         feeder.start()
         return result
+
+    def _release_read_aheads(self, how):
+        """Wake `imap` feeders waiting for their caller: `lift` (join) or `stop` (terminate)."""
+        for read_ahead in list(self.__dict__.get("_read_aheads", ())):
+            getattr(read_ahead, how)()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -566,6 +656,7 @@ class Pool:
         if self._state == "INIT":
             return
         self._state = TERMINATE
+        self._release_read_aheads("stop")
         self._core.terminate()
         self._cache.clear()
         _live_pools.discard(self)
@@ -576,6 +667,7 @@ class Pool:
             raise ValueError("Pool is still running")
         if self._state not in (CLOSE, TERMINATE):
             raise ValueError("In unknown state")
+        self._release_read_aheads("lift")
         self._core.join()
         _live_pools.discard(self)
 
@@ -592,13 +684,18 @@ class Pool:
             self.terminate()
 
 
-def _feed(core, job, result, func, iterable, chunksize, pack):
-    """On an rpool-feed thread: read `imap`'s input and submit it, as the stdlib's task handler."""
+def _feed(core, job, result, func, iterable, chunksize, pack, read_ahead=None, read_aheads=None):
+    """On an rpool-feed thread: read `imap`'s input and submit it, as the stdlib's task handler,
+    no further ahead of the caller than `read_ahead` allows."""
     mapper = mapstar if chunksize != 1 else None
     part = 0
     try:
         items = _chunks(iterable, chunksize) if mapper else iter(iterable)
-        for item in items:
+        while read_ahead is None or read_ahead.wait_for_room():
+            try:
+                item = next(items)
+            except StopIteration:
+                break
             call = (mapper, (func, item), {}) if mapper else (func, (item,), {})
             chunk = item if mapper else (item,)
             try:
@@ -608,6 +705,8 @@ def _feed(core, job, result, func, iterable, chunksize, pack):
             else:
                 core.submit(job, part, payload)
             part += 1
+            if read_ahead is not None:
+                read_ahead.part_submitted()
     except ValueError as exc:
         if str(exc) != "Pool not running":
             result._input_error = exc
@@ -615,6 +714,8 @@ def _feed(core, job, result, func, iterable, chunksize, pack):
         result._input_error = exc
     finally:
         core.seal(job, part)
+        if read_aheads is not None:
+            read_aheads.discard(read_ahead)
 
 
 def _exec_command(entry):
