@@ -582,6 +582,7 @@ def main(argv=None):
         "--only", choices=["stdlib", "rpool"], default=None, help="run only one library (e.g. while rpool is broken)"
     )
     ap.add_argument("--timeout", type=float, default=None, help="abort the whole run after this many seconds")
+    ap.add_argument("--select", metavar="REGEX", help="run only the workloads whose name matches (re.search)")
     args = ap.parse_args(argv)
 
     P = dict(QUICK if args.quick else FULL)
@@ -637,10 +638,14 @@ def main(argv=None):
         print(f"  {label:<34} {fmt(floors[key]):>10} {unit}", flush=True)
 
     workloads, calib, notes = make_workloads(P, method)
+    if args.select:
+        import re
+
+        workloads = [wk for wk in workloads if re.search(args.select, wk.name)]
     meta.update(calib)
 
     names = [lab for lab, _, _ in libs]
-    w = max(len(x.name) for x in workloads)
+    w = max([len(x.name) for x in workloads] + [10])
     header = f"{'workload':<{w}}  {'unit':<8}" + "".join(f"{n:>16}" for n in names)
     if both:
         header += f"{'rpool vs mp':>13}  {'target':<12} {'met?':<8}"
