@@ -91,7 +91,10 @@ struct Worker {
     reader: FrameReader,
     state: WorkerState,
     inflight: VecDeque<InFlight>,
-    outbox: VecDeque<Arc<Vec<u8>>>,
+    /// Frames to write, each marked whether it is a task.
+    outbox: VecDeque<(Arc<Vec<u8>>, bool)>,
+    /// Task frames in `outbox` not yet completely written.
+    unwritten_tasks: usize,
     /// Bytes of `outbox[0]` already written.
     out_off: usize,
     want_writable: bool,
@@ -118,6 +121,25 @@ impl Worker {
     fn overdue(&self, now: Instant) -> bool {
         self.head_deadline().is_some_and(|d| d <= now)
     }
+
+    /// Tasks the worker has been sent in full and not answered yet: each answer wakes rpool-io,
+    /// which then writes whatever the outbox holds.
+    fn sent_unanswered(&self) -> usize {
+        self.inflight.len().saturating_sub(self.unwritten_tasks)
+    }
+
+    fn clear_outbox(&mut self) {
+        self.outbox.clear();
+        self.unwritten_tasks = 0;
+        self.out_off = 0;
+    }
+}
+
+/// Who calls `pump`: a caller's `submit` may leave frames for rpool-io to write in one batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    Now,
+    Batched,
 }
 
 struct Sched {
@@ -323,7 +345,7 @@ impl Core {
             return Ok(());
         }
         s.queue.push_back(flight);
-        self.pump(&mut s);
+        self.pump_with(&mut s, Writes::Batched);
         Ok(())
     }
 
@@ -398,7 +420,7 @@ impl Core {
                         .drain(..)
                         .map(|f| (f, Outcome::Terminated(why.into()))),
                 );
-                w.outbox.clear();
+                w.clear_outbox();
                 // SIGKILL at once: the worker's state is being thrown away, and a worker stuck in C
                 // code or ignoring SIGTERM must not make terminate() wait.
                 kill_worker(w);
@@ -450,6 +472,13 @@ impl Core {
     /// Move queued tasks to workers with room, write what can be written, and stop idle workers
     /// once a closed pool has nothing left to run.
     fn pump(&self, s: &mut Sched) {
+        self.pump_with(s, Writes::Now)
+    }
+
+    /// `pump`; with `Writes::Batched`, a worker that still has two answers to send keeps its new
+    /// frames in the outbox: rpool-io writes them all in one `writev` when an answer arrives,
+    /// instead of one system call (and one wake-up of the worker) per task on the caller's thread.
+    fn pump_with(&self, s: &mut Sched, writes: Writes) {
         // No worker takes more than its fair share of the work in sight, counting workers still
         // starting: otherwise the first ready worker could take every long task of a short map.
         let in_flight: usize = s.workers.iter().map(|w| w.inflight.len()).sum();
@@ -470,7 +499,8 @@ impl Core {
             if w.inflight.is_empty() {
                 w.head_since = Instant::now();
             }
-            w.outbox.push_back(task.frame.clone());
+            w.outbox.push_back((task.frame.clone(), true));
+            w.unwritten_tasks += 1;
             w.inflight.push_back(task);
             w.sent += 1;
             if max_tasks.is_some_and(|m| w.sent >= m) {
@@ -487,10 +517,10 @@ impl Core {
             if w.state == WorkerState::Leaving && w.inflight.is_empty() && !w.stop_sent {
                 let mut stop = Vec::with_capacity(HEADER_LEN);
                 frame::encode_into(&mut stop, kind::STOP, 0, 0, &[]);
-                w.outbox.push_back(Arc::new(stop));
+                w.outbox.push_back((Arc::new(stop), false));
                 w.stop_sent = true;
             }
-            if !w.outbox.is_empty() {
+            if !w.outbox.is_empty() && (writes == Writes::Now || w.sent_unanswered() < 2) {
                 self.flush(w);
             }
         }
@@ -499,7 +529,12 @@ impl Core {
     /// Non-blocking write of a worker's outbox; what does not fit waits for EPOLLOUT on rpool-io.
     fn flush(&self, w: &mut Worker) {
         while !w.outbox.is_empty() {
-            let parts: Vec<&[u8]> = w.outbox.iter().take(64).map(|f| f.as_slice()).collect();
+            let parts: Vec<&[u8]> = w
+                .outbox
+                .iter()
+                .take(64)
+                .map(|(f, _)| f.as_slice())
+                .collect();
             let iov: Vec<libc::iovec> = parts
                 .iter()
                 .enumerate()
@@ -525,18 +560,19 @@ impl Core {
                     io::ErrorKind::WouldBlock => break,
                     // EPIPE: the worker is gone; its pidfd will tell rpool-io.
                     _ => {
-                        w.outbox.clear();
-                        w.out_off = 0;
+                        w.clear_outbox();
                         break;
                     }
                 }
             }
             let mut n = n as usize;
             while n > 0 {
-                let left = w.outbox[0].len() - w.out_off;
+                let left = w.outbox[0].0.len() - w.out_off;
                 if n >= left {
                     n -= left;
-                    w.outbox.pop_front();
+                    if w.outbox.pop_front().is_some_and(|(_, task)| task) {
+                        w.unwritten_tasks -= 1;
+                    }
                     w.out_off = 0;
                 } else {
                     w.out_off += n;
@@ -633,6 +669,7 @@ impl Core {
             state: WorkerState::Starting,
             inflight: VecDeque::new(),
             outbox: VecDeque::new(),
+            unwritten_tasks: 0,
             out_off: 0,
             want_writable: false,
             sent: 0,
@@ -642,7 +679,7 @@ impl Core {
             timed_out: false,
         };
         if !launched.preamble.is_empty() {
-            w.outbox.push_back(Arc::new(launched.preamble));
+            w.outbox.push_back((Arc::new(launched.preamble), false));
             self.flush(&mut w);
         }
         if s.lifecycle == Lifecycle::Terminated {
