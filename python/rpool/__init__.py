@@ -15,8 +15,6 @@ from .pool import (
     UnpicklableTaskError,
     WorkerLostError,
 )
-from .executor import ProcessPoolExecutor
-from .threadpool import ThreadPool
 
 __all__ = [
     "Pool",
@@ -65,10 +63,21 @@ def get_context(method=None):
     return Context(method)
 
 
+# Imported on first use, to keep `import rpool` (and so every pool's start-up) quick: the
+# executor pulls in concurrent.futures, the thread pool typing.
+_LAZY = {"ProcessPoolExecutor": ".executor", "ThreadPool": ".threadpool"}
+
+
 def __getattr__(name):
     # `rpool.distributed` needs Dask, so it is imported on first use, never by `import rpool`.
     if name == "distributed":
         import importlib
 
         return importlib.import_module(".distributed", __name__)
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

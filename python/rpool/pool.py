@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import concurrent.futures
 import functools
 import itertools
 import logging
@@ -102,6 +101,8 @@ def _decode(job, part):
     if kind == _TIMED_OUT:
         return False, TaskTimeoutError(data)
     if kind == _CANCELLED:
+        import concurrent.futures  # imported here: `import rpool` stays quick
+
         return False, concurrent.futures.CancelledError()
     if kind == _OBJECT_VALUE:
         return True, data
