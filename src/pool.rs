@@ -21,7 +21,7 @@ use crossbeam::channel::{unbounded, Receiver, Sender};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -177,6 +177,9 @@ pub struct Core {
     epoll: OwnedFd,
     wake: OwnedFd,
     next_id: AtomicU64,
+    /// `lifecycle == Running`, readable without the scheduler lock (which rpool-io holds while it
+    /// reads and writes pipes): a new `apply` job needs nothing else from it.
+    running: AtomicBool,
     supervise_tx: Sender<SuperviseMsg>,
     callbacks_tx: Mutex<Option<Sender<Arc<Job>>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -233,6 +236,7 @@ impl Core {
             epoll,
             wake,
             next_id: AtomicU64::new(1),
+            running: AtomicBool::new(true),
             supervise_tx,
             callbacks_tx: Mutex::new(Some(callbacks_tx)),
             threads: Mutex::new(Vec::new()),
@@ -312,16 +316,24 @@ impl Core {
         label: String,
         time_limit: Option<Duration>,
     ) -> Result<Arc<Job>, SubmitError> {
+        let new = || {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            Arc::new(Job::new(id, total, has_callbacks).described(label, time_limit))
+        };
+        if total.is_some() {
+            if !self.running.load(Ordering::Acquire) {
+                return Err(SubmitError::NotRunning);
+            }
+            return Ok(new());
+        }
+        // An open job keeps the workers of a closed pool alive: counted under the lock that
+        // close() takes, so that the count and the lifecycle agree.
         let mut s = self.lock();
         if s.lifecycle != Lifecycle::Running {
             return Err(SubmitError::NotRunning);
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let job = Arc::new(Job::new(id, total, has_callbacks).described(label, time_limit));
-        if total.is_none() {
-            s.open_jobs += 1;
-        }
-        Ok(job)
+        s.open_jobs += 1;
+        Ok(new())
     }
 
     /// Queue part `part` of `job`; `payload` is the pickled call.
@@ -394,6 +406,7 @@ impl Core {
         let mut s = self.lock();
         if s.lifecycle == Lifecycle::Running {
             s.lifecycle = Lifecycle::Closed;
+            self.running.store(false, Ordering::Release);
         }
         self.pump(&mut s);
         self.check_finished(&mut s);
@@ -408,6 +421,7 @@ impl Core {
                 return;
             }
             s.lifecycle = Lifecycle::Terminated;
+            self.running.store(false, Ordering::Release);
             let why = TERMINATED;
             failed.extend(
                 s.queue
