@@ -187,3 +187,24 @@ def test_thread_pool_takes_buffersize():
         results = pool.imap(tasks.square, source, buffersize=4)
         assert settled_read(source, 4) == 4
         assert [results.next(timeout=TIMEOUT) for _ in range(3)] == [0, 1, 4]
+
+
+@pytest.mark.parametrize("fn", ["imap", "imap_unordered"])
+def test_threads_sharing_one_iterator_get_every_item_once(make_pool_rpool_fork, fn):
+    # Items of an already decoded chunk are handed out without the iterator's lock.
+    results = getattr(make_pool_rpool_fork, fn)(tasks.square, range(3000), 7, buffersize=4)
+    seen = [[], [], []]
+
+    def consume(into):
+        for value in results:
+            into.append(value)
+
+    threads = [threading.Thread(target=consume, args=(into,)) for into in seen]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
+    assert sorted(itertools.chain(*seen)) == [i * i for i in range(3000)]
+    if fn == "imap":
+        assert all(part == sorted(part) for part in seen)

@@ -236,8 +236,19 @@ class IMapIterator:
         return self
 
     def next(self, timeout=None):
+        if self._buffer:
+            # The rest of a chunk already decoded: popleft is atomic, and the buffer is refilled
+            # (under the lock) only once empty, so no lock is needed to keep the order.
+            try:
+                return self._buffer.popleft()
+            except IndexError:
+                pass
         with self._lock:
-            while not self._buffer:
+            while True:
+                try:  # another thread may have refilled the buffer, or emptied it
+                    return self._buffer.popleft()
+                except IndexError:
+                    pass
                 part = self._wait_next_part(timeout)
                 if part is None:
                     error, self._input_error = self._input_error, None
@@ -253,7 +264,6 @@ class IMapIterator:
                     self._buffer.extend(value)
                 else:
                     return value
-            return self._buffer.popleft()
 
     __next__ = next
 
