@@ -35,3 +35,14 @@ def sleepy_pid(seconds):
     """Sleep, then say which worker ran the task (used to warm pools up)."""
     time.sleep(seconds)
     return os.getpid()
+
+
+def identity(x):
+    """Return the argument itself (echo workloads send it back)."""
+    return x
+
+
+def hold(seconds):
+    """Keep a worker busy (memory workloads queue tasks behind it)."""
+    time.sleep(seconds)
+    return seconds

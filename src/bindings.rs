@@ -112,7 +112,9 @@ impl PyJob {
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let job = &self.inner;
-        wait_interruptibly(py, timeout, |slice| job.wait_for(slice, |v| v.ready()))
+        wait_interruptibly(py, timeout, |slice| {
+            job.wait_for_whole(slice, |v| v.ready())
+        })
     }
 
     /// Wait until part `part` has an outcome.
@@ -128,7 +130,9 @@ impl PyJob {
     #[pyo3(signature = (timeout=None))]
     fn wait_complete(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let job = &self.inner;
-        wait_interruptibly(py, timeout, |slice| job.wait_for(slice, |v| v.complete()))
+        wait_interruptibly(py, timeout, |slice| {
+            job.wait_for_whole(slice, |v| v.complete())
+        })
     }
 
     /// Wait until some finished part was not yet popped, or every part was popped.

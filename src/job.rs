@@ -46,9 +46,21 @@ impl PartialEq for Held {
 
 impl Eq for Held {}
 
+/// One part's place in a job.
+enum Slot {
+    Pending,
+    Done(Outcome),
+    /// Finished, and its outcome was handed out.
+    Taken,
+}
+
 #[derive(Default)]
 struct Parts {
-    outcomes: Vec<Option<Outcome>>,
+    /// Every part below `base` finished and was taken; their slots are gone, so a long `imap`
+    /// read as it goes keeps only the parts not yet read.
+    base: usize,
+    /// Part `base + i` is `slots[i]`.
+    slots: VecDeque<Slot>,
     /// Parts finished so far (taken ones included).
     finished: usize,
     /// Known once no more parts will be added.
@@ -59,6 +71,16 @@ struct Parts {
     finish_log: Vec<usize>,
     /// Set when all parts are in and any callbacks have run: `get()` may return.
     ready: bool,
+    /// Threads waiting for a part or for any change (`wait_for`). Only they need a wake-up for a
+    /// part that does not finish the job: a `map` of 20,000 parts would otherwise wake its
+    /// waiting caller 20,000 times for nothing.
+    part_waiters: usize,
+}
+
+impl Parts {
+    fn slot(&self, part: usize) -> Option<&Slot> {
+        self.slots.get(part.checked_sub(self.base)?)
+    }
 }
 
 pub struct Job {
@@ -103,6 +125,10 @@ impl Job {
 
     fn notify(&self) {
         self.changed.notify_all();
+        self.notify_wakers();
+    }
+
+    fn notify_wakers(&self) {
         let wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
         for (_, fd) in wakers.iter() {
             let one: u64 = 1;
@@ -139,13 +165,16 @@ impl Job {
     /// A part that already has an outcome keeps it (the first word wins).
     pub fn complete_part(&self, part: usize, outcome: Outcome) -> bool {
         let mut p = self.lock();
-        if p.outcomes.len() <= part {
-            p.outcomes.resize(part + 1, None);
+        let Some(index) = part.checked_sub(p.base) else {
+            return false; // finished and taken long ago
+        };
+        if p.slots.len() <= index {
+            p.slots.resize_with(index + 1, || Slot::Pending);
         }
-        if p.outcomes[part].is_some() || p.finish_order.contains(&part) {
+        if !matches!(p.slots[index], Slot::Pending) {
             return false;
         }
-        p.outcomes[part] = Some(outcome);
+        p.slots[index] = Slot::Done(outcome);
         p.finished += 1;
         p.finish_order.push_back(part);
         p.finish_log.push(part);
@@ -153,8 +182,12 @@ impl Job {
         if complete && !self.has_callbacks {
             p.ready = true;
         }
+        let wake = complete || p.part_waiters > 0;
         drop(p);
-        self.notify();
+        if wake {
+            self.changed.notify_all();
+        }
+        self.notify_wakers();
         complete
     }
 
@@ -193,11 +226,37 @@ impl Job {
     /// Take part `part`'s outcome (each outcome is handed out once, so the pool keeps no copy).
     pub fn take(&self, part: usize) -> Option<Outcome> {
         let mut p = self.lock();
-        p.outcomes.get_mut(part).and_then(Option::take)
+        let index = part.checked_sub(p.base)?;
+        let slot = p.slots.get_mut(index)?;
+        if !matches!(slot, Slot::Done(_)) {
+            return None;
+        }
+        let Slot::Done(outcome) = std::mem::replace(slot, Slot::Taken) else {
+            unreachable!("checked above")
+        };
+        while matches!(p.slots.front(), Some(Slot::Taken)) {
+            p.slots.pop_front();
+            p.base += 1;
+        }
+        // Readers in order (imap, map) never pop the finish order: drop what they took.
+        while p.finish_order.front().is_some_and(|&f| f < p.base) {
+            p.finish_order.pop_front();
+        }
+        Some(outcome)
     }
 
-    /// Block up to `timeout` until `pred` holds; returns whether it does.
+    /// Block up to `timeout` until `pred` holds; returns whether it does. Woken by every change.
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&JobView) -> bool) -> bool {
+        let mut p = self.lock();
+        p.part_waiters += 1;
+        let (mut p, holds) = wait_until(p, &self.changed, timeout, |p| pred(&JobView(p)));
+        p.part_waiters -= 1;
+        holds
+    }
+
+    /// `wait_for` a condition on the whole job (`ready`, `complete`): woken only when the job
+    /// completes, is sealed or is marked ready, not by each part.
+    pub fn wait_for_whole(&self, timeout: Duration, pred: impl Fn(&JobView) -> bool) -> bool {
         wait_until(self.lock(), &self.changed, timeout, |p| pred(&JobView(p))).1
     }
 
@@ -263,8 +322,13 @@ impl JobView<'_> {
     pub fn ready(&self) -> bool {
         self.0.ready
     }
+    /// Part `part` finished (its outcome may have been taken since).
     pub fn part_done(&self, part: usize) -> bool {
-        self.0.outcomes.get(part).is_some_and(Option::is_some)
+        part < self.0.base
+            || self
+                .0
+                .slot(part)
+                .is_some_and(|s| !matches!(s, Slot::Pending))
     }
     /// The job is sealed and has no part `part`.
     pub fn beyond(&self, part: usize) -> bool {
@@ -327,6 +391,42 @@ mod tests {
         job.complete_part(1, Outcome::Value(vec![]));
         assert!(!job.is_complete());
         assert!(job.seal(2));
+        assert!(job.is_ready());
+    }
+
+    #[test]
+    fn parts_read_in_order_leave_nothing_behind() {
+        let job = Job::new(1, None, false);
+        for part in 0..10_000 {
+            job.complete_part(part, Outcome::Value(vec![1]));
+            assert_eq!(job.take(part), Some(Outcome::Value(vec![1])));
+        }
+        let p = job.lock();
+        assert_eq!(
+            (p.base, p.slots.len(), p.finish_order.len()),
+            (10_000, 0, 0)
+        );
+        drop(p);
+        assert!(
+            !job.complete_part(5, Outcome::Cancelled),
+            "part 5 finished long ago"
+        );
+        assert!(job.wait_for(Duration::ZERO, |v| v.part_done(9_999)));
+        assert!(!job.wait_for(Duration::ZERO, |v| v.part_done(10_000)));
+    }
+
+    #[test]
+    fn parts_taken_out_of_order_are_dropped_once_the_front_is_taken() {
+        let job = Job::new(1, Some(3), false);
+        for part in [2, 0, 1] {
+            job.complete_part(part, Outcome::Value(vec![part as u8]));
+        }
+        assert_eq!(job.take(2), Some(Outcome::Value(vec![2])));
+        assert_eq!(job.take(2), None);
+        assert_eq!(job.lock().base, 0);
+        assert_eq!(job.take(0), Some(Outcome::Value(vec![0])));
+        assert_eq!(job.take(1), Some(Outcome::Value(vec![1])));
+        assert_eq!(job.lock().base, 3);
         assert!(job.is_ready());
     }
 

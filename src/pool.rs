@@ -21,7 +21,7 @@ use crossbeam::channel::{unbounded, Receiver, Sender};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -91,7 +91,10 @@ struct Worker {
     reader: FrameReader,
     state: WorkerState,
     inflight: VecDeque<InFlight>,
-    outbox: VecDeque<Arc<Vec<u8>>>,
+    /// Frames to write, each marked whether it is a task.
+    outbox: VecDeque<(Arc<Vec<u8>>, bool)>,
+    /// Task frames in `outbox` not yet completely written.
+    unwritten_tasks: usize,
     /// Bytes of `outbox[0]` already written.
     out_off: usize,
     want_writable: bool,
@@ -118,6 +121,25 @@ impl Worker {
     fn overdue(&self, now: Instant) -> bool {
         self.head_deadline().is_some_and(|d| d <= now)
     }
+
+    /// Tasks the worker has been sent in full and not answered yet: each answer wakes rpool-io,
+    /// which then writes whatever the outbox holds.
+    fn sent_unanswered(&self) -> usize {
+        self.inflight.len().saturating_sub(self.unwritten_tasks)
+    }
+
+    fn clear_outbox(&mut self) {
+        self.outbox.clear();
+        self.unwritten_tasks = 0;
+        self.out_off = 0;
+    }
+}
+
+/// Who calls `pump`: a caller's `submit` may leave frames for rpool-io to write in one batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    Now,
+    Batched,
 }
 
 struct Sched {
@@ -162,6 +184,9 @@ pub struct Core {
     epoll: OwnedFd,
     wake: OwnedFd,
     next_id: AtomicU64,
+    /// `lifecycle == Running`, readable without the scheduler lock (which rpool-io holds while it
+    /// reads and writes pipes): a new `apply` job needs nothing else from it.
+    running: AtomicBool,
     supervise_tx: Sender<SuperviseMsg>,
     callbacks_tx: Mutex<Option<Sender<Arc<Job>>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -219,6 +244,7 @@ impl Core {
             epoll,
             wake,
             next_id: AtomicU64::new(1),
+            running: AtomicBool::new(true),
             supervise_tx,
             callbacks_tx: Mutex::new(Some(callbacks_tx)),
             threads: Mutex::new(Vec::new()),
@@ -298,16 +324,24 @@ impl Core {
         label: String,
         time_limit: Option<Duration>,
     ) -> Result<Arc<Job>, SubmitError> {
+        let new = || {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            Arc::new(Job::new(id, total, has_callbacks).described(label, time_limit))
+        };
+        if total.is_some() {
+            if !self.running.load(Ordering::Acquire) {
+                return Err(SubmitError::NotRunning);
+            }
+            return Ok(new());
+        }
+        // An open job keeps the workers of a closed pool alive: counted under the lock that
+        // close() takes, so that the count and the lifecycle agree.
         let mut s = self.lock();
         if s.lifecycle != Lifecycle::Running {
             return Err(SubmitError::NotRunning);
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let job = Arc::new(Job::new(id, total, has_callbacks).described(label, time_limit));
-        if total.is_none() {
-            s.open_jobs += 1;
-        }
-        Ok(job)
+        s.open_jobs += 1;
+        Ok(new())
     }
 
     /// Queue part `part` of `job`; `payload` is the pickled call.
@@ -331,7 +365,7 @@ impl Core {
             return Ok(());
         }
         s.queue.push_back(flight);
-        self.pump(&mut s);
+        self.pump_with(&mut s, Writes::Batched);
         Ok(())
     }
 
@@ -380,6 +414,7 @@ impl Core {
         let mut s = self.lock();
         if s.lifecycle == Lifecycle::Running {
             s.lifecycle = Lifecycle::Closed;
+            self.running.store(false, Ordering::Release);
         }
         self.pump(&mut s);
         self.check_finished(&mut s);
@@ -394,6 +429,7 @@ impl Core {
                 return;
             }
             s.lifecycle = Lifecycle::Terminated;
+            self.running.store(false, Ordering::Release);
             let why = TERMINATED;
             failed.extend(
                 s.queue
@@ -406,7 +442,7 @@ impl Core {
                         .drain(..)
                         .map(|f| (f, Outcome::Terminated(why.into()))),
                 );
-                w.outbox.clear();
+                w.clear_outbox();
                 // SIGKILL at once: the worker's state is being thrown away, and a worker stuck in C
                 // code or ignoring SIGTERM must not make terminate() wait.
                 kill_worker(w);
@@ -458,6 +494,13 @@ impl Core {
     /// Move queued tasks to workers with room, write what can be written, and stop idle workers
     /// once a closed pool has nothing left to run.
     fn pump(&self, s: &mut Sched) {
+        self.pump_with(s, Writes::Now)
+    }
+
+    /// `pump`; with `Writes::Batched`, a worker that still has two answers to send keeps its new
+    /// frames in the outbox: rpool-io writes them all in one `writev` when an answer arrives,
+    /// instead of one system call (and one wake-up of the worker) per task on the caller's thread.
+    fn pump_with(&self, s: &mut Sched, writes: Writes) {
         // No worker takes more than its fair share of the work in sight, counting workers still
         // starting: otherwise the first ready worker could take every long task of a short map.
         let in_flight: usize = s.workers.iter().map(|w| w.inflight.len()).sum();
@@ -480,7 +523,8 @@ impl Core {
                 w.head_since = Instant::now();
                 new_deadline |= task.job.time_limit.is_some();
             }
-            w.outbox.push_back(task.frame.clone());
+            w.outbox.push_back((task.frame.clone(), true));
+            w.unwritten_tasks += 1;
             w.inflight.push_back(task);
             w.sent += 1;
             if max_tasks.is_some_and(|m| w.sent >= m) {
@@ -502,10 +546,10 @@ impl Core {
             if w.state == WorkerState::Leaving && w.inflight.is_empty() && !w.stop_sent {
                 let mut stop = Vec::with_capacity(HEADER_LEN);
                 frame::encode_into(&mut stop, kind::STOP, 0, 0, &[]);
-                w.outbox.push_back(Arc::new(stop));
+                w.outbox.push_back((Arc::new(stop), false));
                 w.stop_sent = true;
             }
-            if !w.outbox.is_empty() {
+            if !w.outbox.is_empty() && (writes == Writes::Now || w.sent_unanswered() < 2) {
                 self.flush(w);
             }
         }
@@ -514,7 +558,12 @@ impl Core {
     /// Non-blocking write of a worker's outbox; what does not fit waits for EPOLLOUT on rpool-io.
     fn flush(&self, w: &mut Worker) {
         while !w.outbox.is_empty() {
-            let parts: Vec<&[u8]> = w.outbox.iter().take(64).map(|f| f.as_slice()).collect();
+            let parts: Vec<&[u8]> = w
+                .outbox
+                .iter()
+                .take(64)
+                .map(|(f, _)| f.as_slice())
+                .collect();
             let iov: Vec<libc::iovec> = parts
                 .iter()
                 .enumerate()
@@ -540,18 +589,19 @@ impl Core {
                     io::ErrorKind::WouldBlock => break,
                     // EPIPE: the worker is gone; its pidfd will tell rpool-io.
                     _ => {
-                        w.outbox.clear();
-                        w.out_off = 0;
+                        w.clear_outbox();
                         break;
                     }
                 }
             }
             let mut n = n as usize;
             while n > 0 {
-                let left = w.outbox[0].len() - w.out_off;
+                let left = w.outbox[0].0.len() - w.out_off;
                 if n >= left {
                     n -= left;
-                    w.outbox.pop_front();
+                    if w.outbox.pop_front().is_some_and(|(_, task)| task) {
+                        w.unwritten_tasks -= 1;
+                    }
                     w.out_off = 0;
                 } else {
                     w.out_off += n;
@@ -654,6 +704,7 @@ impl Core {
             state: WorkerState::Starting,
             inflight: VecDeque::new(),
             outbox: VecDeque::new(),
+            unwritten_tasks: 0,
             out_off: 0,
             want_writable: false,
             sent: 0,
@@ -663,7 +714,7 @@ impl Core {
             timed_out: false,
         };
         if !launched.preamble.is_empty() {
-            w.outbox.push_back(Arc::new(launched.preamble));
+            w.outbox.push_back((Arc::new(launched.preamble), false));
             self.flush(&mut w);
         }
         if s.lifecycle == Lifecycle::Terminated {

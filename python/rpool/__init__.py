@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as _mp
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from multiprocessing import TimeoutError
 
 from .pool import (
@@ -19,8 +19,6 @@ from .pool import (
     UnpicklableTaskError,
     WorkerLostError,
 )
-from .executor import ProcessPoolExecutor
-from .threadpool import ThreadPool
 
 __all__ = [
     "Pool",
@@ -76,10 +74,25 @@ def get_context(method: str | None = None) -> Context:
     return Context(method)
 
 
+# Imported on first use, to keep `import rpool` (and so every pool's start-up) quick: the
+# executor pulls in concurrent.futures.
+_LAZY = {"ProcessPoolExecutor": ".executor", "ThreadPool": ".threadpool"}
+
+if TYPE_CHECKING:
+    from .executor import ProcessPoolExecutor
+    from .threadpool import ThreadPool
+
+
 def __getattr__(name: str) -> Any:
     # `rpool.distributed` needs Dask, so it is imported on first use, never by `import rpool`.
     if name == "distributed":
         import importlib
 
         return importlib.import_module(".distributed", __name__)
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,13 +7,19 @@ so the loop wakes up, reads it and re-checks the conditions it is waiting for.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import weakref
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ._rpool import Job
+
+if TYPE_CHECKING:
+    import asyncio
+
+# asyncio itself is imported by `until`, on first use: most programs never await a result, and
+# importing it would add tens of milliseconds to every `import rpool` (and every worker's start).
 
 _tokens = itertools.count(1)
 _wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = weakref.WeakKeyDictionary()
@@ -69,6 +75,8 @@ class _LoopWaker:
 
 def until(job: Job, condition: Callable[[], bool]) -> asyncio.Future[None]:
     """A future of the running loop, done once `condition()` holds; `job` says when to re-check."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     waker = _wakers.get(loop)
     if waker is None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import concurrent.futures
 import functools
 import importlib
 import itertools
@@ -114,6 +113,8 @@ def _decode(job: _rpool.Job, part: int) -> tuple[bool, Any]:
     if kind == _TIMED_OUT:
         return False, TaskTimeoutError(data)
     if kind == _CANCELLED:
+        import concurrent.futures  # imported here: `import rpool` stays quick
+
         return False, concurrent.futures.CancelledError()
     if kind == _OBJECT_VALUE:
         return True, data
@@ -250,7 +251,7 @@ class MapResult(ApplyResult[list[T]]):
 class IMapIterator(Generic[T]):
     """The iterator of `imap` (in order) and `imap_unordered` (as tasks finish)."""
 
-    def __init__(self, job: _rpool.Job, ordered: bool, chunked: bool) -> None:
+    def __init__(self, job: _rpool.Job, ordered: bool, chunked: bool, read_ahead: _ReadAhead | None = None) -> None:
         self._job = job
         self._ordered = ordered
         self._chunked = chunked
@@ -259,13 +260,26 @@ class IMapIterator(Generic[T]):
         self._input_error: BaseException | None = None
         self._lock = threading.Lock()
         self._progress: _progress.Tracker | None = None
+        # Bounds how far the feeder reads the input ahead of this iterator (`buffersize`).
+        self._read_ahead = read_ahead
 
     def __iter__(self) -> Self:
         return self
 
     def next(self, timeout: float | None = None) -> T:
+        if self._buffer:
+            # The rest of a chunk already decoded: popleft is atomic, and the buffer is refilled
+            # (under the lock) only once empty, so no lock is needed to keep the order.
+            try:
+                return self._buffer.popleft()
+            except IndexError:
+                pass
         with self._lock:
-            while not self._buffer:
+            while True:
+                try:  # another thread may have refilled the buffer, or emptied it
+                    return self._buffer.popleft()
+                except IndexError:
+                    pass
                 part = self._wait_next_part(timeout)
                 if part is None:
                     if self._progress is not None:
@@ -275,6 +289,8 @@ class IMapIterator(Generic[T]):
                         raise error
                     raise StopIteration
                 ok, value = _decode(self._job, part)
+                if self._read_ahead is not None:
+                    self._read_ahead.part_yielded()
                 if not ok:
                     raise value
                 if self._chunked:
@@ -282,7 +298,6 @@ class IMapIterator(Generic[T]):
                 else:
                     item: T = value
                     return item
-            return self._buffer.popleft()
 
     __next__ = next
 
@@ -321,6 +336,78 @@ class IMapIterator(Generic[T]):
         if not job.wait_any(timeout):
             raise TimeoutError
         return job.pop_finished()
+
+
+# `imap` input read ahead of the caller, per worker, in chunks, when no `buffersize` is given:
+# enough to keep every worker's prefetch full, small enough that an endless generator is fine.
+_READ_AHEAD_PER_WORKER = 64
+
+
+def _check_buffersize(buffersize: int | None) -> int | None:
+    """`imap`'s `buffersize`: None or a positive int (as CPython's `Pool.imap` checks it)."""
+    if buffersize is None:
+        return None
+    if isinstance(buffersize, bool) or not isinstance(buffersize, int):
+        raise TypeError(f"buffersize must be an integer or None, not {type(buffersize).__name__}")
+    if buffersize < 1:
+        raise ValueError(f"buffersize must be None or > 0, not {buffersize!r}")
+    return buffersize
+
+
+class _ReadAhead:
+    """How far an `imap` feeder may read its input: at most `limit` chunks submitted and not yet
+    yielded to the caller. Once at the limit the feeder waits until half of them were yielded,
+    so it wakes once per many results instead of once per result."""
+
+    def __init__(self, limit: int, pool: Pool) -> None:
+        self.limit = limit
+        self.submitted = 0
+        self.yielded = 0
+        # join() lifts the limit: close()+join() runs all of the input, as the stdlib's pool does.
+        self.unbounded = False
+        # terminate(), or the pool is gone: read no more.
+        self.stopped = False
+        self._pool = weakref.ref(pool)
+        self._feeder_waits = False
+        self._changed = threading.Condition(threading.Lock())
+
+    def _blocked(self, bound: int) -> bool:
+        return self.submitted - self.yielded > bound and not (self.unbounded or self.stopped)
+
+    def wait_for_room(self) -> bool:
+        """On the feeder, before it reads the next chunk. False once it must stop reading."""
+        with self._changed:
+            if self._blocked(self.limit - 1):
+                self._feeder_waits = True
+                while self._blocked(self.limit // 2):
+                    # Woken by part_yielded, lift or stop; the timeout notices a pool that was
+                    # dropped without terminate().
+                    if not self._changed.wait(1.0):
+                        pool = self._pool()
+                        if pool is None or pool._state == TERMINATE:
+                            self.stopped = True
+                self._feeder_waits = False
+            return not self.stopped
+
+    def part_submitted(self) -> None:
+        with self._changed:
+            self.submitted += 1
+
+    def part_yielded(self) -> None:
+        with self._changed:
+            self.yielded += 1
+            if self._feeder_waits and not self._blocked(self.limit // 2):
+                self._changed.notify()
+
+    def lift(self) -> None:
+        with self._changed:
+            self.unbounded = True
+            self._changed.notify()
+
+    def stop(self) -> None:
+        with self._changed:
+            self.stopped = True
+            self._changed.notify()
 
 
 def _chunks(iterable: Iterable[Any], size: int, numbered: bool = False) -> Iterator[Any]:
@@ -706,21 +793,30 @@ class Pool:
         func: Callable[[S], T],
         iterable: Iterable[S],
         chunksize: int = 1,
+        buffersize: int | None = None,
         *,
         timeout: float | None = None,
         progress: _progress.Progress = None,
     ) -> IMapIterator[T]:
-        """Like `map`, but lazy: results are yielded in order as they arrive."""
+        """Like `map`, but lazy: results are yielded in order as they arrive.
+
+        `buffersize`: at most this many chunks are read from `iterable` ahead of the results
+        yielded (default: 64 per worker), so an endless or huge generator is read as you go.
+        """
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        return self._imap(func, iterable, chunksize, ordered=True, timeout=timeout, progress=progress)
+        buffersize = _check_buffersize(buffersize)
+        return self._imap(
+            func, iterable, chunksize, ordered=True, timeout=timeout, progress=progress, buffersize=buffersize
+        )
 
     def imap_unordered(
         self,
         func: Callable[[S], T],
         iterable: Iterable[S],
         chunksize: int = 1,
+        buffersize: int | None = None,
         *,
         timeout: float | None = None,
         progress: _progress.Progress = None,
@@ -729,7 +825,10 @@ class Pool:
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
-        return self._imap(func, iterable, chunksize, ordered=False, timeout=timeout, progress=progress)
+        buffersize = _check_buffersize(buffersize)
+        return self._imap(
+            func, iterable, chunksize, ordered=False, timeout=timeout, progress=progress, buffersize=buffersize
+        )
 
     def _imap(
         self,
@@ -739,12 +838,16 @@ class Pool:
         ordered: bool,
         timeout: float | None,
         progress: _progress.Progress = None,
+        buffersize: int | None = None,
     ) -> IMapIterator[Any]:
         # The bar first: if it cannot be made, no open job is left for close() to wait on.
         total = len(iterable) if isinstance(iterable, Sized) else None
         bar = _progress.open_bar(progress, total, _bar_label(func))
         job = self._core.new_job(None, False, _label(func), self._time_limit(timeout))
-        result: IMapIterator[Any] = IMapIterator(job, ordered, chunked=chunksize != 1)
+        read_ahead = _ReadAhead(buffersize or _READ_AHEAD_PER_WORKER * self._processes, self)
+        read_aheads: set[_ReadAhead] = self.__dict__.setdefault("_read_aheads", set())
+        read_aheads.add(read_ahead)
+        result: IMapIterator[Any] = IMapIterator(job, ordered, chunked=chunksize != 1, read_ahead=read_ahead)
         # Chunk sizes, appended by the feeder before each chunk goes out; None: one item per task.
         sizes: list[int] | None = None
         if bar is not None:
@@ -752,12 +855,17 @@ class Pool:
             result._progress = _progress.Tracker(job, *bar, sizes)
         feeder = threading.Thread(
             target=_feed,
-            args=(self._core, job, result, func, iterable, chunksize, self._pack, sizes),
+            args=(self._core, job, result, func, iterable, chunksize, self._pack, sizes, read_ahead, read_aheads),
             name="rpool-feed",
             daemon=True,
         )
         feeder.start()
         return result
+
+    def _release_read_aheads(self, how: str) -> None:
+        """Wake `imap` feeders waiting for their caller: `lift` (join) or `stop` (terminate)."""
+        for read_ahead in list(self.__dict__.get("_read_aheads", ())):
+            getattr(read_ahead, how)()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -772,6 +880,7 @@ class Pool:
         if self._state == "INIT":
             return
         self._state = TERMINATE
+        self._release_read_aheads("stop")
         self._core.terminate()
         self._cache.clear()
         _live_pools.discard(self)
@@ -782,6 +891,7 @@ class Pool:
             raise ValueError("Pool is still running")
         if self._state not in (CLOSE, TERMINATE):
             raise ValueError("In unknown state")
+        self._release_read_aheads("lift")
         self._core.join()
         _live_pools.discard(self)
 
@@ -822,13 +932,20 @@ def _feed(
     chunksize: int,
     pack: Callable[..., Any],
     sizes: list[int] | None = None,
+    read_ahead: _ReadAhead | None = None,
+    read_aheads: set[_ReadAhead] | None = None,
 ) -> None:
-    """On an rpool-feed thread: read `imap`'s input and submit it, as the stdlib's task handler."""
+    """On an rpool-feed thread: read `imap`'s input and submit it, as the stdlib's task handler,
+    no further ahead of the caller than `read_ahead` allows."""
     mapper = mapstar if chunksize != 1 else None
     part = 0
     try:
         items = _chunks(iterable, chunksize) if mapper else iter(iterable)
-        for item in items:
+        while read_ahead is None or read_ahead.wait_for_room():
+            try:
+                item = next(items)
+            except StopIteration:
+                break
             call: tuple[Any, ...] = (mapper, (func, item), {}) if mapper else (func, (item,), {})
             chunk = item if mapper else (item,)
             if sizes is not None:
@@ -840,6 +957,8 @@ def _feed(
             else:
                 core.submit(job, part, payload)
             part += 1
+            if read_ahead is not None:
+                read_ahead.part_submitted()
     except ValueError as exc:
         if str(exc) != "Pool not running":
             result._input_error = exc
@@ -847,6 +966,8 @@ def _feed(
         result._input_error = exc
     finally:
         core.seal(job, part)
+        if read_aheads is not None:
+            read_aheads.discard(read_ahead)
 
 
 def _exec_command(entry: str) -> list[str]:
