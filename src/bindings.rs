@@ -54,6 +54,21 @@ fn wait_interruptibly(
     }
 }
 
+/// The memfd an rpool._shm payload (a `bytes` subclass with an `fd`) refers to, taken over:
+/// the attribute is reset so that the payload no longer closes it.
+fn take_shared_fd(payload: &Bound<'_, PyAny>) -> PyResult<Option<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    let Ok(fd) = payload.getattr("fd") else {
+        return Ok(None);
+    };
+    let fd: RawFd = fd.extract()?;
+    if fd < 0 {
+        return Ok(None);
+    }
+    payload.setattr("fd", -1)?;
+    Ok(Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+}
+
 fn not_running() -> PyErr {
     PyValueError::new_err("Pool not running")
 }
@@ -132,7 +147,8 @@ impl PyJob {
 
     /// The outcome of part `part` as `(kind, data)`: 0 value (pickle), 1 raised (pickle),
     /// 2 worker lost, 3 terminated, 4 timed out (messages), 5 cancelled (None), 6 value (the
-    /// object), 7 raised (the exception object). `None` if not there (or already taken).
+    /// object), 7 raised (the exception object), 8 value and 9 raised as `(pickle, memfd)`
+    /// (rpool._shm; the caller closes the memfd, -1 if it could not be duplicated). `None` if not there (or already taken).
     fn take(&self, py: Python<'_>, part: usize) -> Option<(u8, Py<PyAny>)> {
         self.inner.take(part).map(|outcome| match outcome {
             Outcome::Value(b) => (0, PyBytes::new(py, &b).into_any().unbind()),
@@ -147,6 +163,19 @@ impl PyJob {
                     .downcast_ref::<Py<PyAny>>()
                     .map_or_else(|| py.None(), |o| o.clone_ref(py));
                 (if ok { 6 } else { 7 }, object)
+            }
+            Outcome::Shared {
+                ok,
+                pickle,
+                buffers,
+            } => {
+                // The caller gets its own descriptor to read the buffers from and close.
+                let fd = unsafe { libc::fcntl(buffers.0.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+                let data = (PyBytes::new(py, &pickle), fd);
+                (
+                    if ok { 8 } else { 9 },
+                    data.into_pyobject(py).unwrap().into_any().unbind(),
+                )
             }
         })
     }
@@ -578,6 +607,17 @@ impl PoolCore {
     fn submit(&self, job: &PyJob, part: usize, payload: &Bound<'_, PyAny>) -> PyResult<()> {
         // bytes (what rpool's pickling returns) are read in place: the frame is the only copy.
         if let Ok(bytes) = payload.downcast::<PyBytes>() {
+            if !bytes.is_exact_instance_of::<PyBytes>() {
+                if let Some(buffers) = take_shared_fd(payload)? {
+                    let core = &self.core;
+                    return Ok(core.submit_with_buffers(
+                        &job.inner,
+                        part,
+                        bytes.as_bytes(),
+                        Some(buffers),
+                    )?);
+                }
+            }
             return Ok(self.core.submit(&job.inner, part, bytes.as_bytes())?);
         }
         let copied = PyBuffer::<u8>::get(payload)?.to_vec(payload.py())?;

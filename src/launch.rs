@@ -23,7 +23,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-/// The two pipes of one worker: (task read end, task write end), (result read end, result write end).
+/// The two channels of one worker: (task read end, task write end), (result read end, result write end).
 pub struct WorkerPipes {
     pub task_r: OwnedFd,
     pub task_w: OwnedFd,
@@ -31,13 +31,30 @@ pub struct WorkerPipes {
     pub result_w: OwnedFd,
 }
 
+/// The result channel is a Unix socket, not a pipe, so that a worker can send the memfd that
+/// holds a large result's buffers along with its frame (SCM_RIGHTS): the kernel owns it in
+/// flight, so nothing is left behind whoever dies.
 pub fn worker_pipes() -> io::Result<WorkerPipes> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let flags = nix::fcntl::OFlag::O_CLOEXEC;
     let (task_r, task_w) = nix::unistd::pipe2(flags)?;
-    let (result_r, result_w) = nix::unistd::pipe2(flags)?;
-    // Bigger pipes: fewer wake-ups for large payloads and deep prefetch.
-    for fd in [&task_w, &result_w] {
-        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    let (result_r, result_w) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    // Bigger buffers: fewer wake-ups for large payloads and deep prefetch.
+    let size: libc::c_int = 1 << 20;
+    unsafe {
+        libc::fcntl(task_w.as_raw_fd(), libc::F_SETPIPE_SZ, size);
+        libc::setsockopt(
+            result_w.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
     Ok(WorkerPipes {
         task_r,

@@ -4,6 +4,7 @@ The loop itself (read a task frame, call `execute`, write the result frame) is i
 (`src/child.rs`); this module holds the steps that need Python's own machinery.
 """
 
+import functools
 import io
 import itertools
 import os
@@ -13,6 +14,8 @@ import sys
 from multiprocessing import process, spawn, util
 from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
 from multiprocessing.reduction import ForkingPickler
+
+from . import _shm
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -84,7 +87,8 @@ def _become_worker(setup, number, forked):
     initializer = setup["initializer"]
     if initializer is not None:
         initializer(*setup["initargs"])
-    return execute, setup["maxtasks"], setup.get("max_memory")
+    # Results with large buffers go back through shared memory (rpool._shm).
+    return functools.partial(execute, dumps=_shm.dumps), setup["maxtasks"], setup.get("max_memory")
 
 
 def bootstrap_forked(setup, number):

@@ -23,7 +23,7 @@ from multiprocessing import TimeoutError
 from multiprocessing import spawn as _spawn
 from multiprocessing.pool import MaybeEncodingError
 
-from . import _aio, _rpool
+from . import _aio, _rpool, _shm
 from ._worker import dumps as _dumps
 from ._worker import bootstrap_forked, mapstar, starmapstar
 
@@ -48,6 +48,7 @@ TERMINATE = "TERMINATE"
 # Outcome kinds as the core reports them (see PyJob.take in src/bindings.rs).
 _VALUE, _RAISED, _LOST, _TERMINATED, _TIMED_OUT = 0, 1, 2, 3, 4
 _CANCELLED, _OBJECT_VALUE, _OBJECT_RAISED = 5, 6, 7
+_SHARED_VALUE, _SHARED_RAISED = 8, 9  # `(pickle, memfd)`: large buffers in shared memory
 
 # Decoding a result happens once, whichever thread asks first.
 _settle_lock = threading.Lock()
@@ -97,6 +98,12 @@ def _decode(job, part):
         except Exception as exc:
             err = RemoteError(f"the task raised an exception that cannot be unpickled in the parent: {exc!r}")
             return False, err
+    if kind == _SHARED_VALUE or kind == _SHARED_RAISED:
+        try:
+            value = _shm.loads_received(*data)
+        except Exception as exc:
+            return False, exc
+        return kind == _SHARED_VALUE, value
     if kind == _LOST:
         return False, WorkerLostError(data)
     if kind == _TIMED_OUT:
@@ -332,7 +339,7 @@ _short_repr = reprlib.Repr()
 _short_repr.maxother = _short_repr.maxstring = 120
 
 
-def _dump_task(call, func, parts, dumps=_dumps):
+def _dump_task(call, func, parts, dumps=_shm.dumps):
     """Pickle `call` for a worker with `dumps`. If it cannot be, find which of the function and
     `parts()` (`(what, object)` pairs: the arguments or input items) is to blame, and say so."""
     try:
