@@ -8,6 +8,7 @@ pub mod frame;
 pub mod job;
 pub mod launch;
 pub mod pool;
+pub mod shm;
 pub mod threads;
 
 use pyo3::prelude::*;
@@ -24,5 +25,6 @@ fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<board::JobBoard>()?;
     m.add_function(wrap_pyfunction!(bindings::worker_main, m)?)?;
     m.add_function(wrap_pyfunction!(bindings::forkserver_main, m)?)?;
+    m.add_function(wrap_pyfunction!(shm::read_buffer, m)?)?;
     Ok(())
 }

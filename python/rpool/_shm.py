@@ -16,18 +16,18 @@ Small tasks never get here: a cheap look at the top of the object decides.
 
 import io
 import itertools
-import mmap
 import os
 import pickle
+import struct
 from multiprocessing.reduction import ForkingPickler
+
+from . import _rpool
 
 # Buffers this big (bytes) leave the pickle stream; a memfd costs a few system calls.
 MIN_SHARED = 1 << 20
 # How many objects `_holds_large_buffer` looks at before it gives up (it runs for every task).
 _LOOK_BUDGET = 64
 _ALIGN = 4096
-# One read(2) moves at most this much (Linux's MAX_RW_COUNT).
-_MAX_READ = 0x7FFFF000
 
 _BYTES, _BYTEARRAY, _BUFFER = 0, 1, 2
 
@@ -124,26 +124,102 @@ def dumps(obj):
 
 
 def _share(data, objects, buffers):
-    """Write the buffers into a new memfd; return the envelope that says where they are."""
+    """Write the buffers into a memfd; return the envelope that says where they are."""
     pieces = [(_BYTES if type(obj) is bytes else _BYTEARRAY, memoryview(obj).cast("B")) for obj in objects]
     pieces += [(_BUFFER, raw) for raw in buffers]
     layout = []
-    offset = 0
+    offset = _HEADER
     for kind, view in pieces:
         layout.append((kind, offset, view.nbytes))
         offset += -(-view.nbytes // _ALIGN) * _ALIGN
-    fd = os.memfd_create("rpool-buffers", os.MFD_CLOEXEC)
+    memfd, generation = _memfds.lend(offset)
     try:
         for (_, view), (_, at, _) in zip(pieces, layout):
-            _write_all(fd, view, at)
-        inode = os.fstat(fd).st_ino
+            _write_all(memfd.fd, view, at)
+        # The receiver's own descriptor: the core sends or keeps it, then closes it.
+        passed = os.dup(memfd.fd)
     except BaseException:
-        os.close(fd)
+        _memfds.discard(memfd)
         raise
-    envelope = pickle.dumps(_Envelope((os.getpid(), fd, inode, layout, data)), 5)
+    envelope = pickle.dumps(_Envelope((os.getpid(), passed, memfd.inode, generation, layout, data)), 5)
     payload = SharedPayload(envelope)
-    payload.fd = fd
+    payload.fd = passed
     return payload
+
+
+class _Memfd:
+    __slots__ = ("fd", "inode", "capacity", "generation")
+
+    def __init__(self):
+        self.fd = os.memfd_create("rpool-buffers", os.MFD_CLOEXEC)
+        self.inode = os.fstat(self.fd).st_ino
+        self.capacity = 0
+        self.generation = 0
+
+
+class _MemfdCache:
+    """Memfds this process wrote buffers into, kept for the next large payload: writing into pages
+    the kernel already has is several times faster than into new ones (fresh shared memory is
+    zeroed page by page).
+
+    Page 0 of each holds two counters: the generation written (one per use) and the last
+    generation a receiver finished reading. A memfd is written again only once its receiver has
+    said so; one whose receiver never does (it died, the result was never read) is just dropped.
+    """
+
+    # Kept unused between payloads: at most this many, none over MAX_SPARE_BYTES.
+    SPARES = 2
+    MAX_SPARE_BYTES = 256 << 20
+    # Lent and not yet read: past this many, the oldest is given up.
+    MAX_LENT = 16
+
+    def __init__(self):
+        self.spare = []
+        self.lent = []
+        os.register_at_fork(after_in_child=self.forget)
+
+    def lend(self, size):
+        self.reclaim()
+        memfd = max(self.spare, key=lambda m: m.capacity) if self.spare else _Memfd()
+        if self.spare:
+            self.spare.remove(memfd)
+        memfd.generation += 1
+        memfd.capacity = max(memfd.capacity, size)
+        os.pwrite(memfd.fd, _COUNTERS.pack(memfd.generation, 0), 0)
+        self.lent.append(memfd)
+        while len(self.lent) > self.MAX_LENT:
+            self.discard(self.lent[0])
+        return memfd, memfd.generation
+
+    def reclaim(self):
+        for memfd in list(self.lent):
+            _, done = _COUNTERS.unpack(os.pread(memfd.fd, _COUNTERS.size, 0))
+            if done == memfd.generation:
+                self.lent.remove(memfd)
+                if len(self.spare) < self.SPARES and memfd.capacity <= self.MAX_SPARE_BYTES:
+                    self.spare.append(memfd)
+                else:
+                    os.close(memfd.fd)
+
+    def discard(self, memfd):
+        if memfd in self.lent:
+            self.lent.remove(memfd)
+        os.close(memfd.fd)
+
+    def forget(self):
+        """In a forked child: the parent's memfds are the parent's to reuse."""
+        for memfd in self.spare + self.lent:
+            try:
+                os.close(memfd.fd)
+            except OSError:
+                pass
+        self.spare = []
+        self.lent = []
+
+
+_HEADER = _ALIGN
+_COUNTERS = struct.Struct("<QQ")
+_memfds = _MemfdCache()
 
 
 def _write_all(fd, view, at):
@@ -165,17 +241,15 @@ class _Envelope:
         return _open_shared, self.args
 
 
-def _open_shared(pid, fd, inode, layout, data):
+def _open_shared(pid, fd, inode, generation, layout, data):
     """In the receiving process: open the sender's memfd through /proc and rebuild the object."""
     path = f"/proc/{pid}/fd/{fd}"
     try:
-        own = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        own = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         raise OSError(exc.errno, f"rpool: cannot open the shared memory of this task at {path}: {exc.strerror}") from None
     try:
-        if os.fstat(own).st_ino != inode:
-            raise RuntimeError(f"rpool: {path} is no longer this task's shared memory")
-        return _load(own, layout, data)
+        return _load(own, inode, generation, layout, data)
     finally:
         os.close(own)
 
@@ -185,10 +259,8 @@ def loads_received(data, fd):
     if fd < 0:
         raise OSError("rpool: the shared memory of this result could not be duplicated")
     try:
-        _pid, _fd, inode, layout, inner = _EnvelopeReader(io.BytesIO(data)).load()
-        if os.fstat(fd).st_ino != inode:
-            raise RuntimeError("rpool: a result came with the wrong shared memory")
-        return _load(fd, layout, inner)
+        _pid, _fd, inode, generation, layout, inner = _EnvelopeReader(io.BytesIO(data)).load()
+        return _load(fd, inode, generation, layout, inner)
     finally:
         os.close(fd)
 
@@ -206,37 +278,26 @@ def _fields(*args):
     return args
 
 
-def _load(fd, layout, data):
-    need_map = any(kind != _BYTES for kind, _, _ in layout)
-    view = None
-    if need_map:
-        size = max(offset + length for _, offset, length in layout)
-        mapped = mmap.mmap(
-            fd, size, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
-        )
-        view = memoryview(mapped)
-    objects = []
-    buffers = []
-    for kind, offset, length in layout:
-        if kind == _BYTES:
-            objects.append(_read_bytes(fd, offset, length))
-        elif kind == _BYTEARRAY:
-            objects.append(bytearray(view[offset : offset + length]))
-        else:
-            # Zero-copy: the object (a numpy array, say) may keep the private mapping alive.
-            buffers.append(view[offset : offset + length])
+def _load(fd, inode, generation, layout, data):
+    if os.fstat(fd).st_ino != inode:
+        raise RuntimeError("rpool: the shared memory of this payload was replaced")
+    written, _ = _COUNTERS.unpack(os.pread(fd, _COUNTERS.size, 0))
+    if written != generation:
+        raise RuntimeError("rpool: the shared memory of this payload was reused before it was read")
+    try:
+        objects = []
+        buffers = []
+        for kind, offset, length in layout:
+            # Out-of-band buffers are read into a bytearray, which the object (a numpy array,
+            # say) is built on, as pickle would have made it from an in-band buffer.
+            buffer = _rpool.read_buffer(fd, offset, length, kind != _BYTES)
+            (buffers if kind == _BUFFER else objects).append(buffer)
+    finally:
+        # Read (or given up): the sender may write into it again.
+        os.pwrite(fd, _COUNTERS.pack(generation, generation), 0)
     unpickler = _Unpickler(io.BytesIO(data), buffers=buffers)
     unpickler.objects = objects
     return unpickler.load()
-
-
-def _read_bytes(fd, offset, length):
-    if length <= _MAX_READ:
-        data = os.pread(fd, length, offset)
-        if len(data) == length:
-            return data
-    with mmap.mmap(fd, offset + length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mapped:
-        return mapped[offset : offset + length]
 
 
 class _Unpickler(pickle.Unpickler):
