@@ -100,8 +100,18 @@ def _collector(buffers):
 
 
 def dumps(obj):
-    """Pickle `obj` as rpool's pool does (protocol 5, ForkingPickler's reducers if needed); if it
-    holds large buffers, return a `SharedPayload` whose memfd holds them."""
+    """Pickle a task as rpool's pool does (protocol 5, ForkingPickler's reducers if needed); if
+    it holds large buffers, return a `SharedPayload` whose memfd holds them. The core keeps that
+    memfd until the task ends; the worker opens it through /proc."""
+    return _dump(obj, False)
+
+
+def dumps_result(obj):
+    """`dumps` for a worker's result or exception: the core sends its memfd with the frame."""
+    return _dump(obj, True)
+
+
+def _dump(obj, sent):
     buffers = []
     objects = ()
     if _holds_large_buffer(obj):
@@ -120,10 +130,10 @@ def dumps(obj):
             data = out.getvalue()
         if not buffers:
             return data
-    return _share(data, objects, buffers)
+    return _share(data, objects, buffers, sent)
 
 
-def _share(data, objects, buffers):
+def _share(data, objects, buffers, sent):
     """Write the buffers into a memfd; return the envelope that says where they are."""
     pieces = [(_BYTES if type(obj) is bytes else _BYTEARRAY, memoryview(obj).cast("B")) for obj in objects]
     pieces += [(_BUFFER, raw) for raw in buffers]
@@ -138,6 +148,7 @@ def _share(data, objects, buffers):
             _write_all(memfd.fd, view, at)
         # The receiver's own descriptor: the core sends or keeps it, then closes it.
         passed = os.dup(memfd.fd)
+        memfd.passed = -1 if sent else passed
     except BaseException:
         _memfds.discard(memfd)
         raise
@@ -148,13 +159,34 @@ def _share(data, objects, buffers):
 
 
 class _Memfd:
-    __slots__ = ("fd", "inode", "capacity", "generation")
+    __slots__ = ("fd", "inode", "capacity", "generation", "passed")
 
     def __init__(self):
         self.fd = os.memfd_create("rpool-buffers", os.MFD_CLOEXEC)
-        self.inode = os.fstat(self.fd).st_ino
+        self.inode = _identity(self.fd)
         self.capacity = 0
         self.generation = 0
+        # The descriptor the core keeps for a task's receiver; -1 when it was sent away.
+        self.passed = -1
+
+    def in_use(self):
+        """Whether someone may still read what was written last."""
+        _, done = _COUNTERS.unpack(os.pread(self.fd, _COUNTERS.size, 0))
+        if done == self.generation:
+            return False
+        if self.passed < 0:
+            return True
+        # A task's memfd: the core closes its descriptor once the task has an outcome (then no
+        # worker can open it any more); that number may since name another file.
+        try:
+            return _identity(self.passed) == self.inode
+        except OSError:
+            return False
+
+
+def _identity(fd):
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 class _MemfdCache:
@@ -163,15 +195,16 @@ class _MemfdCache:
     zeroed page by page).
 
     Page 0 of each holds two counters: the generation written (one per use) and the last
-    generation a receiver finished reading. A memfd is written again only once its receiver has
-    said so; one whose receiver never does (it died, the result was never read) is just dropped.
+    generation a receiver finished reading. A memfd is written again only once no receiver can
+    still read it; one whose receiver never says so (a result never read) is just dropped.
     """
 
     # Kept unused between payloads: at most this many, none over MAX_SPARE_BYTES.
     SPARES = 2
     MAX_SPARE_BYTES = 256 << 20
-    # Lent and not yet read: past this many, the oldest is given up.
+    # In use: past this many, or this many bytes, the oldest is given up (closed here only).
     MAX_LENT = 16
+    MAX_LENT_BYTES = 1 << 30
 
     def __init__(self):
         self.spare = []
@@ -187,14 +220,15 @@ class _MemfdCache:
         memfd.capacity = max(memfd.capacity, size)
         os.pwrite(memfd.fd, _COUNTERS.pack(memfd.generation, 0), 0)
         self.lent.append(memfd)
-        while len(self.lent) > self.MAX_LENT:
+        while len(self.lent) > 1 and (
+            len(self.lent) > self.MAX_LENT or sum(m.capacity for m in self.lent) > self.MAX_LENT_BYTES
+        ):
             self.discard(self.lent[0])
         return memfd, memfd.generation
 
     def reclaim(self):
         for memfd in list(self.lent):
-            _, done = _COUNTERS.unpack(os.pread(memfd.fd, _COUNTERS.size, 0))
-            if done == memfd.generation:
+            if not memfd.in_use():
                 self.lent.remove(memfd)
                 if len(self.spare) < self.SPARES and memfd.capacity <= self.MAX_SPARE_BYTES:
                     self.spare.append(memfd)
@@ -205,6 +239,13 @@ class _MemfdCache:
         if memfd in self.lent:
             self.lent.remove(memfd)
         os.close(memfd.fd)
+
+    def trim(self):
+        """Close every memfd no receiver can still read (pools shutting down call this)."""
+        self.reclaim()
+        for memfd in self.spare:
+            os.close(memfd.fd)
+        self.spare = []
 
     def forget(self):
         """In a forked child: the parent's memfds are the parent's to reuse."""
@@ -220,6 +261,7 @@ class _MemfdCache:
 _HEADER = _ALIGN
 _COUNTERS = struct.Struct("<QQ")
 _memfds = _MemfdCache()
+trim = _memfds.trim
 
 
 def _write_all(fd, view, at):
@@ -279,7 +321,7 @@ def _fields(*args):
 
 
 def _load(fd, inode, generation, layout, data):
-    if os.fstat(fd).st_ino != inode:
+    if _identity(fd) != tuple(inode):
         raise RuntimeError("rpool: the shared memory of this payload was replaced")
     written, _ = _COUNTERS.unpack(os.pread(fd, _COUNTERS.size, 0))
     if written != generation:

@@ -88,7 +88,7 @@ def _become_worker(setup, number, forked):
     if initializer is not None:
         initializer(*setup["initargs"])
     # Results with large buffers go back through shared memory (rpool._shm).
-    return functools.partial(execute, dumps=_shm.dumps), setup["maxtasks"], setup.get("max_memory")
+    return functools.partial(execute, dumps=_shm.dumps_result), setup["maxtasks"], setup.get("max_memory")
 
 
 def bootstrap_forked(setup, number):

@@ -576,6 +576,7 @@ class Pool:
         self._core.terminate()
         self._cache.clear()
         _live_pools.discard(self)
+        _shm.trim()
 
     def join(self):
         """Wait for the workers to exit (after `close` or `terminate`) and the callbacks to run."""
@@ -585,6 +586,7 @@ class Pool:
             raise ValueError("In unknown state")
         self._core.join()
         _live_pools.discard(self)
+        _shm.trim()
 
     def __enter__(self):
         self._check_running()
