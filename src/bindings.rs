@@ -6,7 +6,7 @@ use crate::forkserver::{self, ForkServerLauncher};
 use crate::frame::{kind, FrameReader};
 use crate::job::{self, Outcome};
 use crate::launch::{
-    self, die_with_parent, worker_pipes, ExecLauncher, EXEC_RESULT_FD, EXEC_TASK_FD,
+    self, die_with_parent, worker_pipes, ExecLauncher, EXEC_MEMFD_FD, EXEC_RESULT_FD, EXEC_TASK_FD,
 };
 use crate::pool::{Core, Launch, Launched, Lifecycle, PoolConfig, SubmitError};
 use crate::threads::{self, Next};
@@ -232,10 +232,18 @@ impl Launch for ForkLauncher {
             let Some(bootstrap) = bootstrap else {
                 return Err(io::Error::other("pool is shutting down"));
             };
-            let parent_ends = [pipes.task_w.as_raw_fd(), pipes.result_r.as_raw_fd()];
+            let parent_ends = [
+                pipes.task_w.as_raw_fd(),
+                pipes.result_r.as_raw_fd(),
+                pipes.memfd_r.as_raw_fd(),
+            ];
             fork_worker(
                 py,
-                (pipes.task_r.as_raw_fd(), pipes.result_w.as_raw_fd()),
+                (
+                    pipes.task_r.as_raw_fd(),
+                    pipes.result_w.as_raw_fd(),
+                    pipes.memfd_w.as_raw_fd(),
+                ),
                 || {
                     parent_ends.iter().for_each(|&fd| unsafe {
                         libc::close(fd);
@@ -248,6 +256,7 @@ impl Launch for ForkLauncher {
             pid,
             task_fd: pipes.task_w,
             result_fd: pipes.result_r,
+            memfd_fd: pipes.memfd_r,
             preamble: Vec::new(),
             pidfd: None,
         })
@@ -263,7 +272,7 @@ impl Launch for ForkLauncher {
 /// serves tasks on `(task_fd, result_fd)` and exits; it never returns here.
 fn fork_worker<'py>(
     py: Python<'py>,
-    (task_fd, result_fd): (RawFd, RawFd),
+    (task_fd, result_fd, memfd_fd): (RawFd, RawFd, RawFd),
     in_child: impl FnOnce(),
     bootstrap: impl FnOnce(Python<'py>) -> PyResult<Bound<'py, PyAny>>,
 ) -> io::Result<i32> {
@@ -274,7 +283,8 @@ fn fork_worker<'py>(
         unsafe { ffi::PyOS_AfterFork_Child() };
         die_with_parent(parent);
         in_child();
-        let code = run_child(py, task_fd, result_fd, &mut FrameReader::new(), bootstrap);
+        let fds = (task_fd, result_fd, memfd_fd);
+        let code = run_child(py, fds, &mut FrameReader::new(), bootstrap);
         unsafe { libc::_exit(code) }
     }
     unsafe { ffi::PyOS_AfterFork_Parent() };
@@ -314,11 +324,17 @@ fn read_config<'py>(
 /// Run a worker: bootstrap (initializer included), serve tasks, then the stdlib's exit steps.
 fn run_child<'py>(
     py: Python<'py>,
-    task_fd: RawFd,
-    result_fd: RawFd,
+    (task_fd, result_fd, memfd_fd): (RawFd, RawFd, RawFd),
     reader: &mut FrameReader,
     bootstrap: impl FnOnce(Python<'py>) -> PyResult<Bound<'py, PyAny>>,
 ) -> i32 {
+    // Where rpool._shm sends the memfds of large results.
+    if let Err(e) = py
+        .import("rpool._shm")
+        .and_then(|shm| shm.setattr("result_socket", memfd_fd))
+    {
+        e.print(py);
+    }
     let booted =
         bootstrap(py).and_then(|r| r.extract::<(Bound<'py, PyAny>, Option<u64>, Option<u64>)>());
     let code = match booted {
@@ -359,8 +375,7 @@ pub fn worker_main(py: Python<'_>) -> PyResult<i32> {
     }
     Ok(run_child(
         py,
-        EXEC_TASK_FD,
-        EXEC_RESULT_FD,
+        (EXEC_TASK_FD, EXEC_RESULT_FD, EXEC_MEMFD_FD),
         &mut reader,
         |_py| worker.call_method1("bootstrap_spawned", (&setup, number)),
     ))
@@ -404,11 +419,15 @@ pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
         let Some((request, pipe_ends)) = forkserver::recv_msg(sock)? else {
             return Ok(0); // the pool is gone
         };
-        if request.kind != forkserver::SPAWN || pipe_ends.len() != 2 {
+        if request.kind != forkserver::SPAWN || pipe_ends.len() != 3 {
             continue;
         }
         let number = request.id;
-        let ends = (pipe_ends[0].as_raw_fd(), pipe_ends[1].as_raw_fd());
+        let ends = (
+            pipe_ends[0].as_raw_fd(),
+            pipe_ends[1].as_raw_fd(),
+            pipe_ends[2].as_raw_fd(),
+        );
         let in_child = || {
             forkserver::unblock_sigchld();
             unsafe {

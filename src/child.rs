@@ -53,19 +53,6 @@ pub fn resident_bytes() -> Option<u64> {
     Some(pages * page.max(1) as u64)
 }
 
-/// The memfd a pickled result carries (a `bytes` subclass from rpool._shm with an `fd`), taken
-/// over: the attribute is reset so that nothing else closes it.
-fn shared_fd(data: &Bound<'_, PyBytes>) -> Option<RawFd> {
-    if data.is_exact_instance_of::<PyBytes>() {
-        return None;
-    }
-    let fd = data.getattr("fd").ok()?.extract::<RawFd>().ok()?;
-    if fd < 0 || data.setattr("fd", -1).is_err() {
-        return None;
-    }
-    Some(fd)
-}
-
 /// Serve tasks until STOP, EOF (the parent is gone) or a limit. Returns the exit code.
 /// `execute(payload: bytes) -> (ok: bool, data: bytes)` never raises for a task's own errors.
 pub fn serve(
@@ -111,26 +98,16 @@ pub fn serve(
         };
         let ran_ns = started.elapsed().as_nanos() as u64;
         let bytes = data.as_bytes();
-        let sent = match shared_fd(&data) {
-            // rpool._shm put the result's large buffers in a memfd: it goes with the frame.
-            Some(fd) => {
-                let kind = if ok { kind::VALUE_FD } else { kind::RAISED_FD };
-                let header = Header {
-                    kind,
-                    len: bytes.len() as u32,
-                    id: header.id,
-                    aux: ran_ns,
-                }
-                .encode();
-                let sent = py.detach(|| frame::write_all_with_fd(result_fd, &[&header, bytes], fd));
-                unsafe { libc::close(fd) };
-                sent
-            }
-            None => {
-                let kind = if ok { kind::VALUE } else { kind::RAISED };
-                py.detach(|| send(result_fd, kind, header.id, ran_ns, bytes))
-            }
+        // rpool._shm returns a `bytes` subclass for a result whose large buffers are in a memfd;
+        // it has just sent that memfd on the worker's memfd socket.
+        let shared = !data.is_exact_instance_of::<PyBytes>();
+        let kind = match (ok, shared) {
+            (true, false) => kind::VALUE,
+            (false, false) => kind::RAISED,
+            (true, true) => kind::VALUE_FD,
+            (false, true) => kind::RAISED_FD,
         };
+        let sent = py.detach(|| send(result_fd, kind, header.id, ran_ns, bytes));
         if sent.is_err() {
             return 0;
         }

@@ -3,9 +3,8 @@
 //! A frame is a 24-byte header (kind, payload length, task id, an auxiliary word) and the payload.
 //! Short reads and EOF inside a frame are errors; EOF between frames is the peer leaving.
 
-use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 pub const HEADER_LEN: usize = 24;
 
@@ -23,8 +22,8 @@ pub mod kind {
     /// After its last result: the worker grew past its memory limit and reads no more tasks.
     /// `aux` is its resident set size in bytes.
     pub const RETIRING: u8 = 14;
-    /// VALUE and RAISED whose pickle keeps its large buffers in a memfd, sent along with the
-    /// frame's first bytes (SCM_RIGHTS on the result socket).
+    /// VALUE and RAISED whose pickle keeps its large buffers in a memfd, which the worker sent
+    /// just before, on its memfd socket (see rpool._shm).
     pub const VALUE_FD: u8 = 15;
     pub const RAISED_FD: u8 = 16;
 }
@@ -70,10 +69,6 @@ pub struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// Descriptors that came with the bytes read (a socket's SCM_RIGHTS), oldest first.
-    fds: VecDeque<OwnedFd>,
-    /// False once `recvmsg` said the descriptor is no socket (a pipe): then plain `read`.
-    socket: bool,
 }
 
 pub enum Fill {
@@ -97,14 +92,7 @@ impl FrameReader {
             buf: vec![0; 64 * 1024],
             start: 0,
             end: 0,
-            fds: VecDeque::new(),
-            socket: true,
         }
-    }
-
-    /// The oldest descriptor received and not yet taken (frames that carry one take it in order).
-    pub fn take_fd(&mut self) -> Option<OwnedFd> {
-        self.fds.pop_front()
     }
 
     /// The next complete frame already buffered, if any.
@@ -132,16 +120,12 @@ impl FrameReader {
     pub fn fill(&mut self, fd: RawFd) -> io::Result<Fill> {
         self.make_room();
         loop {
-            let n = if self.socket {
-                self.recv_with_fds(fd)
-            } else {
-                unsafe {
-                    libc::read(
-                        fd,
-                        self.buf[self.end..].as_mut_ptr().cast(),
-                        self.buf.len() - self.end,
-                    )
-                }
+            let n = unsafe {
+                libc::read(
+                    fd,
+                    self.buf[self.end..].as_mut_ptr().cast(),
+                    self.buf.len() - self.end,
+                )
             };
             if n > 0 {
                 self.end += n as usize;
@@ -154,45 +138,9 @@ impl FrameReader {
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
-                _ if err.raw_os_error() == Some(libc::ENOTSOCK) => self.socket = false,
                 _ => return Err(err),
             }
         }
-    }
-
-    /// `recvmsg` into the buffer, keeping any descriptors that come with the bytes. A read
-    /// with `read` would make the kernel close them.
-    fn recv_with_fds(&mut self, fd: RawFd) -> isize {
-        let mut iov = libc::iovec {
-            iov_base: self.buf[self.end..].as_mut_ptr().cast(),
-            iov_len: self.buf.len() - self.end,
-        };
-        let mut control = [0u64; 16]; // room for MAX_FDS descriptors, aligned as cmsghdr
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&control) as _;
-        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            return n;
-        }
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-            while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                    let data = libc::CMSG_DATA(cmsg) as *const RawFd;
-                    let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
-                        / std::mem::size_of::<RawFd>();
-                    for i in 0..count {
-                        let raw = std::ptr::read_unaligned(data.add(i));
-                        self.fds.push_back(OwnedFd::from_raw_fd(raw));
-                    }
-                }
-                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-            }
-        }
-        n
     }
 
     /// Blocking: make sure a whole frame is buffered (then `next_frame` returns it).
@@ -274,51 +222,6 @@ fn wait_readable(fd: RawFd) -> io::Result<()> {
             return Err(err);
         }
     }
-}
-
-/// Write all of `parts` to a blocking socket, sending `passed` (SCM_RIGHTS) with the first bytes.
-pub fn write_all_with_fd(fd: RawFd, parts: &[&[u8]], passed: RawFd) -> io::Result<()> {
-    let mut iov: Vec<libc::iovec> = parts
-        .iter()
-        .filter(|p| !p.is_empty())
-        .map(|p| libc::iovec {
-            iov_base: p.as_ptr() as *mut _,
-            iov_len: p.len(),
-        })
-        .collect();
-    let mut control = [0u64; 4];
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = iov.len() as _;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as _;
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, passed);
-    }
-    let sent = loop {
-        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => wait_writable(fd)?,
-            _ => return Err(err),
-        }
-    };
-    // The descriptor went with the first bytes; the rest is plain data.
-    let (mut idx, mut off) = (0, 0);
-    advance(parts, &mut idx, &mut off, sent);
-    while idx < parts.len() {
-        let n = write_some(fd, parts, idx, off)?;
-        advance(parts, &mut idx, &mut off, n);
-    }
-    Ok(())
 }
 
 /// Write all of `parts` to a blocking descriptor, retrying on EINTR and short writes.

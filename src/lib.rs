@@ -26,5 +26,7 @@ fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bindings::worker_main, m)?)?;
     m.add_function(wrap_pyfunction!(bindings::forkserver_main, m)?)?;
     m.add_function(wrap_pyfunction!(shm::read_buffer, m)?)?;
+    m.add_function(wrap_pyfunction!(shm::holds_large_buffer, m)?)?;
+    m.add_function(wrap_pyfunction!(shm::send_memfd, m)?)?;
     Ok(())
 }

@@ -33,6 +33,8 @@ pub struct Launched {
     pub task_fd: OwnedFd,
     /// Parent's end of the result pipe (parent reads).
     pub result_fd: OwnedFd,
+    /// Parent's end of the worker's memfd socket (see `shm::memfd_socket`).
+    pub memfd_fd: OwnedFd,
     /// Frames to send before any task (an exec'd worker's start-up data).
     pub preamble: Vec<u8>,
     /// A pidfd for it, when the launcher has one: a fork server's worker may exit and be reaped
@@ -90,6 +92,7 @@ struct Worker {
     pid: i32,
     task_fd: OwnedFd,
     result_fd: OwnedFd,
+    memfd_fd: OwnedFd,
     pidfd: OwnedFd,
     reader: FrameReader,
     state: WorkerState,
@@ -643,6 +646,7 @@ impl Core {
             pid: launched.pid,
             task_fd: launched.task_fd,
             result_fd: launched.result_fd,
+            memfd_fd: launched.memfd_fd,
             pidfd,
             reader: FrameReader::new(),
             state: WorkerState::Starting,
@@ -796,9 +800,9 @@ impl Core {
                     }
                     kind::VALUE | kind::RAISED | kind::VALUE_FD | kind::RAISED_FD => {
                         let body = body.to_vec();
-                        // Taken first: the descriptor belongs to this frame even if it is stale.
+                        // Taken first: the memfd belongs to this frame even if it is stale.
                         let fd = matches!(h.kind, kind::VALUE_FD | kind::RAISED_FD)
-                            .then(|| w.reader.take_fd());
+                            .then(|| crate::shm::recv_memfd(w.memfd_fd.as_raw_fd()));
                         let Some(pos) = w.inflight.iter().position(|f| f.id == h.id) else {
                             continue;
                         };
@@ -1129,6 +1133,7 @@ mod tests {
                 pid,
                 task_fd: pipes.task_w,
                 result_fd: pipes.result_r,
+                memfd_fd: pipes.memfd_r,
                 preamble: Vec::new(),
                 pidfd: None,
             })

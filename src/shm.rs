@@ -1,16 +1,19 @@
-//! Reading a large buffer out of a memfd into a new `bytes` or `bytearray` (see rpool._shm).
-//!
-//! One copy, done by the kernel (`pread`) straight into the new object's memory, with the GIL
-//! released. Python itself can only make a `bytearray` zero-filled first (a second pass over
-//! fresh memory) or copy it from a mapping with a userspace memcpy, both slower.
+//! The native side of rpool._shm (large buffers through memfds): reading a buffer out of a
+//! memfd into a new `bytes` or `bytearray`, the cheap look for large buffers, and the socket
+//! that carries a worker's result memfds to the parent.
 
 use pyo3::exceptions::PyOSError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// `length` bytes at `offset` of `fd`, as `bytes`, or as `bytearray` if `mutable`.
+///
+/// One copy, done by the kernel (`pread`) straight into the new object's memory, with the GIL
+/// released. Python itself can only make a `bytearray` zero-filled first (a second pass over
+/// fresh memory) or copy it from a mapping with a userspace memcpy, both slower.
 #[pyfunction]
 pub fn read_buffer(
     py: Python<'_>,
@@ -93,4 +96,115 @@ fn keep_freed_heap(length: usize) {
         libc::mallopt(libc::M_MMAP_THRESHOLD, wanted as libc::c_int);
         libc::mallopt(libc::M_TRIM_THRESHOLD, (2 * wanted) as libc::c_int);
     }
+}
+
+/// Whether `obj`, or an item a few levels down in its tuples, lists and dicts, is a `bytes`,
+/// `bytearray` or other buffer (a numpy array, say) of at least `min_size` bytes. Looks at no
+/// more than `budget` objects: it runs for every task and result, so it must cost next to
+/// nothing when the answer is no.
+#[pyfunction]
+pub fn holds_large_buffer(obj: &Bound<'_, PyAny>, min_size: usize, budget: usize) -> bool {
+    use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
+    let mut stack = vec![obj.clone()];
+    let mut left = budget;
+    while let Some(item) = stack.pop() {
+        if left == 0 {
+            break;
+        }
+        left -= 1;
+        if let Ok(bytes) = item.downcast_exact::<PyBytes>() {
+            if bytes.as_bytes().len() >= min_size {
+                return true;
+            }
+        } else if let Ok(array) = item.downcast_exact::<PyByteArray>() {
+            if array.len() >= min_size {
+                return true;
+            }
+        } else if let Ok(tuple) = item.downcast_exact::<PyTuple>() {
+            stack.extend(tuple.iter().take(left));
+        } else if let Ok(list) = item.downcast_exact::<PyList>() {
+            stack.extend(list.iter().take(left));
+        } else if let Ok(dict) = item.downcast_exact::<PyDict>() {
+            stack.extend(dict.values().iter().take(left));
+        } else if buffer_len(&item).is_some_and(|n| n >= min_size) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The size in bytes of an object that exports a buffer, without copying anything.
+fn buffer_len(obj: &Bound<'_, PyAny>) -> Option<usize> {
+    let ptr = obj.as_ptr();
+    unsafe {
+        if ffi::PyObject_CheckBuffer(ptr) == 0 {
+            return None;
+        }
+        let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::uninit();
+        if ffi::PyObject_GetBuffer(ptr, view.as_mut_ptr(), ffi::PyBUF_RECORDS_RO) != 0 {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        let len = (*view.as_ptr()).len;
+        ffi::PyBuffer_Release(view.as_mut_ptr());
+        usize::try_from(len).ok()
+    }
+}
+
+/// A worker's memfd socket: a datagram socketpair on which the worker sends the memfd of each
+/// large result, just before the result frame (SCM_RIGHTS: the kernel holds it in flight, so
+/// it outlives neither end). A pipe cannot carry descriptors, and the result channel stays a
+/// pipe because a Unix socket costs small results a few microseconds more per round trip.
+pub fn memfd_socket() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
+}
+
+/// In the parent: the next memfd a worker sent, if there is one (never blocks).
+pub fn recv_memfd(sock: RawFd) -> Option<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    let msg = loop {
+        match recvmsg::<()>(sock, &mut iov, Some(&mut space), flags) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return None,
+            Ok(msg) => break msg,
+        }
+    };
+    let mut found = None;
+    for cmsg in msg.cmsgs().ok()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            for fd in fds {
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                found.get_or_insert(owned);
+            }
+        }
+    }
+    found
+}
+
+/// In a worker: send `memfd` to the parent on the memfd socket `sock` (rpool._shm calls this
+/// for a large result, before the core writes the result frame).
+#[pyfunction]
+pub fn send_memfd(py: Python<'_>, sock: RawFd, memfd: RawFd) -> PyResult<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let byte = [0u8; 1];
+    let iov = [io::IoSlice::new(&byte)];
+    let fds = [memfd];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    py.detach(|| loop {
+        match sendmsg::<()>(sock, &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(PyOSError::new_err(format!("rpool: sending a memfd: {e}"))),
+            Ok(_) => return Ok(()),
+        }
+    })
 }

@@ -9,13 +9,13 @@ Who owns the memfd, so that nothing outlives the processes that use it (a memfd 
 - Tasks: the parent creates it; the core keeps it open until the task has an outcome (result,
   worker lost, timed out, terminated); the worker opens it through /proc/<parent>/fd/<n> while
   it unpickles the task and checks it is the same file (inode).
-- Results: the worker creates it and the core sends it with the result frame (SCM_RIGHTS on the
-  result socket), then closes its own; the parent holds it until the result is read.
+- Results: the worker sends it to the parent on its memfd socket (SCM_RIGHTS: in flight, the
+  kernel holds it) just before the result frame, which says to take it; the parent holds it
+  until the result is read.
 Small tasks never get here: a cheap look at the top of the object decides.
 """
 
 import io
-import itertools
 import os
 import pickle
 import struct
@@ -25,18 +25,19 @@ from . import _rpool
 
 # Buffers this big (bytes) leave the pickle stream; a memfd costs a few system calls.
 MIN_SHARED = 1 << 20
-# How many objects `_holds_large_buffer` looks at before it gives up (it runs for every task).
-_LOOK_BUDGET = 64
+# How many objects `holds_large_buffer` looks at before it gives up (it runs for every task).
+_LOOK_BUDGET = 16
 _ALIGN = 4096
 
 _BYTES, _BYTEARRAY, _BUFFER = 0, 1, 2
 
 
 class SharedPayload(bytes):
-    """A pickle whose large buffers are in memfd `fd`.
+    """A pickle whose large buffers are in a memfd.
 
-    Whoever sends it (the core) takes the memfd over and sets `fd` to -1; until then this object
-    owns it.
+    A task's: `fd` is that memfd (the number its envelope names); the core takes it over when the
+    task is submitted and sets `fd` to -1, until then this object owns it. A result's: the memfd
+    has already gone to the parent, and `fd` is -1.
     """
 
     def __del__(self):
@@ -44,25 +45,6 @@ class SharedPayload(bytes):
         if fd >= 0:
             self.fd = -1
             os.close(fd)
-
-
-def _holds_large_buffer(obj):
-    """Whether `obj`, or an item a few levels down in its tuples, lists and dicts, is a large
-    bytes or bytearray. Looks at no more than `_LOOK_BUDGET` objects."""
-    stack = [obj]
-    budget = _LOOK_BUDGET
-    while stack and budget:
-        budget -= 1
-        item = stack.pop()
-        kind = type(item)
-        if kind is bytes or kind is bytearray:
-            if len(item) >= MIN_SHARED:
-                return True
-        elif kind is tuple or kind is list:
-            stack.extend(item[:budget])
-        elif kind is dict:
-            stack.extend(itertools.islice(item.values(), budget))
-    return False
 
 
 class _SharingPickler(ForkingPickler):
@@ -99,38 +81,52 @@ def _collector(buffers):
     return collect
 
 
-def dumps(obj):
+def dumps(obj, _holds=_rpool.holds_large_buffer, _dumps=pickle.dumps):
     """Pickle a task as rpool's pool does (protocol 5, ForkingPickler's reducers if needed); if
     it holds large buffers, return a `SharedPayload` whose memfd holds them. The core keeps that
     memfd until the task ends; the worker opens it through /proc."""
-    return _dump(obj, False)
+    if _holds(obj, MIN_SHARED, _LOOK_BUDGET):
+        return _dump_shared(obj, False)
+    try:
+        return _dumps(obj, 5)  # as rpool._worker.dumps: plain pickle's faster path first
+    except Exception:
+        return _forking_dumps(obj)
 
 
-def dumps_result(obj):
-    """`dumps` for a worker's result or exception: the core sends its memfd with the frame."""
-    return _dump(obj, True)
+def dumps_result(obj, _holds=_rpool.holds_large_buffer, _dumps=pickle.dumps):
+    """`dumps` for a worker's result or exception: its memfd goes to the parent at once."""
+    if _holds(obj, MIN_SHARED, _LOOK_BUDGET):
+        return _dump_shared(obj, True)
+    try:
+        return _dumps(obj, 5)
+    except Exception:
+        return _forking_dumps(obj)
 
 
-def _dump(obj, sent):
+def _forking_dumps(obj):
+    out = io.BytesIO()
+    ForkingPickler(out, 5).dump(obj)
+    return out.getvalue()
+
+
+def _dump_shared(obj, sent):
+    if sent and result_socket is None:  # not in an rpool worker: nowhere to send a memfd
+        return _in_band(obj)
     buffers = []
-    objects = ()
-    if _holds_large_buffer(obj):
-        out = io.BytesIO()
-        pickler = _SharingPickler(out, buffers)
-        pickler.dump(obj)
-        data = out.getvalue()
-        objects = pickler.objects
-    else:
-        try:
-            data = pickle.dumps(obj, 5, buffer_callback=_collector(buffers))
-        except Exception:
-            buffers.clear()
-            out = io.BytesIO()
-            ForkingPickler(out, 5, True, _collector(buffers)).dump(obj)
-            data = out.getvalue()
-        if not buffers:
-            return data
-    return _share(data, objects, buffers, sent)
+    out = io.BytesIO()
+    pickler = _SharingPickler(out, buffers)
+    pickler.dump(obj)
+    if not (pickler.objects or buffers):
+        return out.getvalue()
+    payload = _share(out.getvalue(), pickler.objects, buffers, sent)
+    return _in_band(obj) if payload is None else payload
+
+
+def _in_band(obj):
+    try:
+        return pickle.dumps(obj, 5)
+    except Exception:
+        return _forking_dumps(obj)
 
 
 def _share(data, objects, buffers, sent):
@@ -154,7 +150,18 @@ def _share(data, objects, buffers, sent):
         raise
     envelope = pickle.dumps(_Envelope((os.getpid(), passed, memfd.inode, generation, layout, data)), 5)
     payload = SharedPayload(envelope)
-    payload.fd = passed
+    if not sent:
+        payload.fd = passed
+        return payload
+    # The core writes the result frame right after this returns: the memfd goes first.
+    try:
+        _rpool.send_memfd(result_socket, passed)
+    except OSError:
+        _memfds.discard(memfd)
+        return None
+    finally:
+        os.close(passed)
+    payload.fd = -1
     return payload
 
 
@@ -262,6 +269,9 @@ _HEADER = _ALIGN
 _COUNTERS = struct.Struct("<QQ")
 _memfds = _MemfdCache()
 trim = _memfds.trim
+# In a worker: its memfd socket, on which the memfds of large results go to the parent (set by
+# the core when the worker starts).
+result_socket = None
 
 
 def _write_all(fd, view, at):
