@@ -208,3 +208,42 @@ pub fn send_memfd(py: Python<'_>, sock: RawFd, memfd: RawFd) -> PyResult<()> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn memfd_with(data: &[u8]) -> OwnedFd {
+        let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        let written = unsafe { libc::pwrite(fd, data.as_ptr().cast(), data.len(), 0) };
+        assert_eq!(written, data.len() as isize);
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    #[test]
+    fn a_memfd_sent_on_the_socket_arrives_as_the_same_file() {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let (parent, worker) = memfd_socket().unwrap();
+        assert!(recv_memfd(parent.as_raw_fd()).is_none(), "nothing sent yet");
+        let memfd = memfd_with(b"result buffers");
+        let fds = [memfd.as_raw_fd()];
+        let iov = [io::IoSlice::new(b"m")];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        sendmsg::<()>(worker.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).unwrap();
+        drop(memfd); // in flight, the kernel holds it
+        let got = recv_memfd(parent.as_raw_fd()).expect("the memfd");
+        let mut out = vec![0u8; 14];
+        read_exact_at(got.as_raw_fd(), out.as_mut_ptr() as usize, out.len(), 0).unwrap();
+        assert_eq!(&out, b"result buffers");
+    }
+
+    #[test]
+    fn reading_past_the_end_of_a_memfd_is_an_error() {
+        let memfd = memfd_with(b"short");
+        let mut out = vec![0u8; 10];
+        let err = read_exact_at(memfd.as_raw_fd(), out.as_mut_ptr() as usize, 10, 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
