@@ -19,6 +19,7 @@ import io
 import os
 import pickle
 import struct
+import threading
 from multiprocessing.reduction import ForkingPickler
 
 from . import _rpool
@@ -118,7 +119,10 @@ def _dump_shared(obj, sent):
     pickler.dump(obj)
     if not (pickler.objects or buffers):
         return out.getvalue()
-    payload = _share(out.getvalue(), pickler.objects, buffers, sent)
+    try:
+        payload = _share(out.getvalue(), pickler.objects, buffers, sent)
+    except OSError:  # no memfd to be had (out of memory or descriptors): the slow way, then
+        payload = None
     return _in_band(obj) if payload is None else payload
 
 
@@ -190,6 +194,9 @@ class _Memfd:
         except OSError:
             return False
 
+    def close(self):
+        os.close(self.fd)
+
 
 def _identity(fd):
     st = os.fstat(fd)
@@ -216,9 +223,15 @@ class _MemfdCache:
     def __init__(self):
         self.spare = []
         self.lent = []
+        # Tasks are pickled on several threads (callers, imap's feeders).
+        self.lock = threading.Lock()
         os.register_at_fork(after_in_child=self.forget)
 
     def lend(self, size):
+        with self.lock:
+            return self._lend(size)
+
+    def _lend(self, size):
         self.reclaim()
         memfd = max(self.spare, key=lambda m: m.capacity) if self.spare else _Memfd()
         if self.spare:
@@ -230,7 +243,7 @@ class _MemfdCache:
         while len(self.lent) > 1 and (
             len(self.lent) > self.MAX_LENT or sum(m.capacity for m in self.lent) > self.MAX_LENT_BYTES
         ):
-            self.discard(self.lent[0])
+            self.lent.pop(0).close()
         return memfd, memfd.generation
 
     def reclaim(self):
@@ -240,29 +253,34 @@ class _MemfdCache:
                 if len(self.spare) < self.SPARES and memfd.capacity <= self.MAX_SPARE_BYTES:
                     self.spare.append(memfd)
                 else:
-                    os.close(memfd.fd)
+                    memfd.close()
 
     def discard(self, memfd):
-        if memfd in self.lent:
-            self.lent.remove(memfd)
-        os.close(memfd.fd)
+        with self.lock:
+            if memfd in self.lent:
+                self.lent.remove(memfd)
+        memfd.close()
 
     def trim(self):
         """Close every memfd no receiver can still read (pools shutting down call this)."""
-        self.reclaim()
-        for memfd in self.spare:
-            os.close(memfd.fd)
-        self.spare = []
+        with self.lock:
+            self.reclaim()
+            spare, self.spare = self.spare, []
+        for memfd in spare:
+            memfd.close()
 
     def forget(self):
-        """In a forked child: the parent's memfds are the parent's to reuse."""
-        for memfd in self.spare + self.lent:
-            try:
-                os.close(memfd.fd)
-            except OSError:
-                pass
+        """In a forked child: the parent's memfds are the parent's to reuse, and those the core
+        keeps for tasks in flight must not live on in a worker."""
+        self.lock = threading.Lock()
         self.spare = []
         self.lent = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:rpool-buffers"):
+                    os.close(int(name))
+            except OSError:
+                pass
 
 
 _HEADER = _ALIGN
@@ -299,7 +317,8 @@ def _open_shared(pid, fd, inode, generation, layout, data):
     try:
         own = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        raise OSError(exc.errno, f"rpool: cannot open the shared memory of this task at {path}: {exc.strerror}") from None
+        message = f"rpool: cannot open the shared memory of this task at {path}: {exc.strerror}"
+        raise OSError(exc.errno, message) from None
     try:
         return _load(own, inode, generation, layout, data)
     finally:
