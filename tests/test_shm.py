@@ -208,3 +208,21 @@ def test_a_killed_parent_leaves_no_shared_memory_behind(tmp_path):
         time.sleep(0.05)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
     assert set(os.listdir("/dev/shm")) - before == set()
+
+
+def test_a_worker_forked_while_a_large_task_runs_does_not_hold_its_memory():
+    """Only a forked worker inherits the parent's descriptors, the core's memfds among them."""
+    import rpool
+
+    pool = rpool.Pool(2, maxtasksperchild=1, context=rpool.get_context("fork"))
+    with pool:
+        _forked_worker_holds_nothing(pool)
+
+
+def _forked_worker_holds_nothing(pool):
+    busy = pool.apply_async(T.sleep_holding, (payload(15), 2))
+    time.sleep(0.3)
+    # The other worker exits after this task; its replacement is forked while `busy` runs.
+    pool.apply(T.memfd_links)
+    assert pool.apply(T.memfd_links) == []
+    assert busy.get(timeout=30) == BIG
