@@ -98,12 +98,17 @@ def _decode(job, part):
         except Exception as exc:
             err = RemoteError(f"the task raised an exception that cannot be unpickled in the parent: {exc!r}")
             return False, err
-    if kind == _SHARED_VALUE or kind == _SHARED_RAISED:
+    if kind == _SHARED_VALUE:
         try:
-            value = _shm.loads_received(*data)
+            return True, _shm.loads_received(*data)
         except Exception as exc:
             return False, exc
-        return kind == _SHARED_VALUE, value
+    if kind == _SHARED_RAISED:
+        try:
+            return False, _shm.loads_received(*data)
+        except Exception as exc:
+            err = RemoteError(f"the task raised an exception that cannot be unpickled in the parent: {exc!r}")
+            return False, err
     if kind == _LOST:
         return False, WorkerLostError(data)
     if kind == _TIMED_OUT:
