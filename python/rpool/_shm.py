@@ -24,8 +24,9 @@ from multiprocessing.reduction import ForkingPickler
 
 from . import _rpool
 
-# Buffers this big (bytes) leave the pickle stream; a memfd costs a few system calls.
-MIN_SHARED = 1 << 20
+# Buffers this big (bytes) leave the pickle stream; a memfd costs a few system calls. The
+# environment variable lets a setup where /proc/<pid>/fd cannot be opened turn it off.
+MIN_SHARED = int(os.environ.get("RPOOL_SHM_MIN_BYTES", 1 << 20))
 # How many objects `holds_large_buffer` looks at before it gives up (it runs for every task).
 _LOOK_BUDGET = 16
 _ALIGN = 4096
