@@ -83,11 +83,11 @@ def _collector(buffers):
     return collect
 
 
-def dumps(obj, _holds=_rpool.holds_large_buffer, _dumps=pickle.dumps):
+def dumps(obj, _holds=_rpool.holds_large_buffer, _dumps=pickle.dumps, _min=MIN_SHARED, _look=_LOOK_BUDGET):
     """Pickle a task as rpool's pool does (protocol 5, ForkingPickler's reducers if needed); if
     it holds large buffers, return a `SharedPayload` whose memfd holds them. The core keeps that
     memfd until the task ends; the worker opens it through /proc."""
-    if _holds(obj, MIN_SHARED, _LOOK_BUDGET):
+    if _holds(obj, _min, _look):
         return _dump_shared(obj, False)
     try:
         return _dumps(obj, 5)  # as rpool._worker.dumps: plain pickle's faster path first
@@ -95,9 +95,9 @@ def dumps(obj, _holds=_rpool.holds_large_buffer, _dumps=pickle.dumps):
         return _forking_dumps(obj)
 
 
-def dumps_result(obj, _holds=_rpool.holds_large_buffer, _dumps=pickle.dumps):
+def dumps_result(obj, _holds=_rpool.holds_large_buffer, _dumps=pickle.dumps, _min=MIN_SHARED, _look=_LOOK_BUDGET):
     """`dumps` for a worker's result or exception: its memfd goes to the parent at once."""
-    if _holds(obj, MIN_SHARED, _LOOK_BUDGET):
+    if _holds(obj, _min, _look):
         return _dump_shared(obj, True)
     try:
         return _dumps(obj, 5)

@@ -4,7 +4,6 @@ The loop itself (read a task frame, call `execute`, write the result frame) is i
 (`src/child.rs`); this module holds the steps that need Python's own machinery.
 """
 
-import functools
 import io
 import itertools
 import os
@@ -50,10 +49,11 @@ def dump_exception(exc, dumps=dumps):
         return dumps(MaybeEncodingError(err, exc))
 
 
-def execute(payload, dumps=dumps):
+def execute(payload, dumps=_shm.dumps_result):
     """Run one pickled `(func, args, kwds)`. Never raises: returns `(ok, pickled result)`.
 
-    `dumps` pickles the result or exception (rpool.distributed passes cloudpickle's).
+    `dumps` pickles the result or exception (rpool.distributed passes cloudpickle's); the
+    default sends large buffers through shared memory (rpool._shm).
     """
     try:
         func, args, kwds = pickle.loads(payload)
@@ -87,8 +87,7 @@ def _become_worker(setup, number, forked):
     initializer = setup["initializer"]
     if initializer is not None:
         initializer(*setup["initargs"])
-    # Results with large buffers go back through shared memory (rpool._shm).
-    return functools.partial(execute, dumps=_shm.dumps_result), setup["maxtasks"], setup.get("max_memory")
+    return execute, setup["maxtasks"], setup.get("max_memory")
 
 
 def bootstrap_forked(setup, number):
