@@ -2,8 +2,9 @@
 
 A task or result holding a `bytes`/`bytearray` of at least `MIN_SHARED` bytes, or an object whose
 pickle gives such an out-of-band buffer (pickle protocol 5: numpy arrays, `PickleBuffer`), is
-pickled with those buffers left out; they are written once into a fresh memfd and read once on
-the other side. The pickle that travels on the pipe is small.
+pickled with those buffers left out; they are written once into a memfd and read once on the
+other side. The pickle that travels on the pipe is small. A memfd is reused once no one can still
+read it: writing into pages the kernel already has is several times faster.
 
 Who owns the memfd, so that nothing outlives the processes that use it (a memfd has no name):
 - Tasks: the parent creates it; the core keeps it open until the task has an outcome (result,
