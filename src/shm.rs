@@ -125,7 +125,8 @@ pub fn holds_large_buffer(obj: &Bound<'_, PyAny>, min_size: usize, budget: usize
         } else if let Ok(list) = item.downcast_exact::<PyList>() {
             stack.extend(list.iter().take(left));
         } else if let Ok(dict) = item.downcast_exact::<PyDict>() {
-            stack.extend(dict.values().iter().take(left));
+            // Not `values()`: that copies every value of a big dict into a new list.
+            stack.extend(dict.iter().take(left).map(|(_, value)| value));
         } else if buffer_len(&item).is_some_and(|n| n >= min_size) {
             return true;
         }

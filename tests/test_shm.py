@@ -207,7 +207,8 @@ def test_a_killed_parent_leaves_no_shared_memory_behind(tmp_path):
     while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
-    assert set(os.listdir("/dev/shm")) - before == set()
+    # Other programs on the machine may add their own files meanwhile.
+    assert [name for name in set(os.listdir("/dev/shm")) - before if "rpool" in name] == []
 
 
 def test_a_worker_forked_while_a_large_task_runs_does_not_hold_its_memory():
