@@ -6,7 +6,7 @@ use crate::forkserver::{self, ForkServerLauncher};
 use crate::frame::{kind, FrameReader};
 use crate::job::{self, Outcome};
 use crate::launch::{
-    self, die_with_parent, worker_pipes, ExecLauncher, EXEC_RESULT_FD, EXEC_TASK_FD,
+    self, die_with_parent, worker_pipes, ExecLauncher, EXEC_MEMFD_FD, EXEC_RESULT_FD, EXEC_TASK_FD,
 };
 use crate::pool::{Core, Launch, Launched, Lifecycle, PoolConfig, SubmitError};
 use crate::threads::{self, Next};
@@ -52,6 +52,21 @@ fn wait_interruptibly(
             return Ok(false);
         }
     }
+}
+
+/// The memfd an rpool._shm payload (a `bytes` subclass with an `fd`) refers to, taken over:
+/// the attribute is reset so that the payload no longer closes it.
+fn take_shared_fd(payload: &Bound<'_, PyAny>) -> PyResult<Option<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    let Ok(fd) = payload.getattr("fd") else {
+        return Ok(None);
+    };
+    let fd: RawFd = fd.extract()?;
+    if fd < 0 {
+        return Ok(None);
+    }
+    payload.setattr("fd", -1)?;
+    Ok(Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
 }
 
 fn not_running() -> PyErr {
@@ -165,7 +180,8 @@ impl PyJob {
 
     /// The outcome of part `part` as `(kind, data)`: 0 value (pickle), 1 raised (pickle),
     /// 2 worker lost, 3 terminated, 4 timed out (messages), 5 cancelled (None), 6 value (the
-    /// object), 7 raised (the exception object). `None` if not there (or already taken).
+    /// object), 7 raised (the exception object), 8 value and 9 raised as `(pickle, memfd)`
+    /// (rpool._shm; the caller closes the memfd, -1 if it could not be duplicated). `None` if not there (or already taken).
     fn take(&self, py: Python<'_>, part: usize) -> Option<(u8, Py<PyAny>)> {
         self.inner.take(part).map(|outcome| match outcome {
             Outcome::Value(b) => (0, PyBytes::new(py, &b).into_any().unbind()),
@@ -180,6 +196,19 @@ impl PyJob {
                     .downcast_ref::<Py<PyAny>>()
                     .map_or_else(|| py.None(), |o| o.clone_ref(py));
                 (if ok { 6 } else { 7 }, object)
+            }
+            Outcome::Shared {
+                ok,
+                pickle,
+                buffers,
+            } => {
+                // The caller gets its own descriptor to read the buffers from and close.
+                let fd = unsafe { libc::fcntl(buffers.0.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+                let data = (PyBytes::new(py, &pickle), fd);
+                (
+                    if ok { 8 } else { 9 },
+                    data.into_pyobject(py).unwrap().into_any().unbind(),
+                )
             }
         })
     }
@@ -236,10 +265,18 @@ impl Launch for ForkLauncher {
             let Some(bootstrap) = bootstrap else {
                 return Err(io::Error::other("pool is shutting down"));
             };
-            let parent_ends = [pipes.task_w.as_raw_fd(), pipes.result_r.as_raw_fd()];
+            let parent_ends = [
+                pipes.task_w.as_raw_fd(),
+                pipes.result_r.as_raw_fd(),
+                pipes.memfd_r.as_raw_fd(),
+            ];
             fork_worker(
                 py,
-                (pipes.task_r.as_raw_fd(), pipes.result_w.as_raw_fd()),
+                (
+                    pipes.task_r.as_raw_fd(),
+                    pipes.result_w.as_raw_fd(),
+                    pipes.memfd_w.as_raw_fd(),
+                ),
                 || {
                     parent_ends.iter().for_each(|&fd| unsafe {
                         libc::close(fd);
@@ -252,6 +289,7 @@ impl Launch for ForkLauncher {
             pid,
             task_fd: pipes.task_w,
             result_fd: pipes.result_r,
+            memfd_fd: pipes.memfd_r,
             preamble: Vec::new(),
             pidfd: None,
         })
@@ -267,7 +305,7 @@ impl Launch for ForkLauncher {
 /// serves tasks on `(task_fd, result_fd)` and exits; it never returns here.
 fn fork_worker<'py>(
     py: Python<'py>,
-    (task_fd, result_fd): (RawFd, RawFd),
+    (task_fd, result_fd, memfd_fd): (RawFd, RawFd, RawFd),
     in_child: impl FnOnce(),
     bootstrap: impl FnOnce(Python<'py>) -> PyResult<Bound<'py, PyAny>>,
 ) -> io::Result<i32> {
@@ -278,7 +316,8 @@ fn fork_worker<'py>(
         unsafe { ffi::PyOS_AfterFork_Child() };
         die_with_parent(parent);
         in_child();
-        let code = run_child(py, task_fd, result_fd, &mut FrameReader::new(), bootstrap);
+        let fds = (task_fd, result_fd, memfd_fd);
+        let code = run_child(py, fds, &mut FrameReader::new(), bootstrap);
         unsafe { libc::_exit(code) }
     }
     unsafe { ffi::PyOS_AfterFork_Parent() };
@@ -318,12 +357,18 @@ fn read_config<'py>(
 /// Run a worker: bootstrap (initializer included), serve tasks, then the stdlib's exit steps.
 fn run_child<'py>(
     py: Python<'py>,
-    task_fd: RawFd,
-    result_fd: RawFd,
+    (task_fd, result_fd, memfd_fd): (RawFd, RawFd, RawFd),
     reader: &mut FrameReader,
     bootstrap: impl FnOnce(Python<'py>) -> PyResult<Bound<'py, PyAny>>,
 ) -> i32 {
     child::attach_result_pipe(result_fd);
+    // Where rpool._shm sends the memfds of large results.
+    if let Err(e) = py
+        .import("rpool._shm")
+        .and_then(|shm| shm.setattr("result_socket", memfd_fd))
+    {
+        e.print(py);
+    }
     let booted =
         bootstrap(py).and_then(|r| r.extract::<(Bound<'py, PyAny>, Option<u64>, Option<u64>)>());
     let code = match booted {
@@ -364,8 +409,7 @@ pub fn worker_main(py: Python<'_>) -> PyResult<i32> {
     }
     Ok(run_child(
         py,
-        EXEC_TASK_FD,
-        EXEC_RESULT_FD,
+        (EXEC_TASK_FD, EXEC_RESULT_FD, EXEC_MEMFD_FD),
         &mut reader,
         |_py| worker.call_method1("bootstrap_spawned", (&setup, number)),
     ))
@@ -409,11 +453,15 @@ pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
         let Some((request, pipe_ends)) = forkserver::recv_msg(sock)? else {
             return Ok(0); // the pool is gone
         };
-        if request.kind != forkserver::SPAWN || pipe_ends.len() != 2 {
+        if request.kind != forkserver::SPAWN || pipe_ends.len() != 3 {
             continue;
         }
         let number = request.id;
-        let ends = (pipe_ends[0].as_raw_fd(), pipe_ends[1].as_raw_fd());
+        let ends = (
+            pipe_ends[0].as_raw_fd(),
+            pipe_ends[1].as_raw_fd(),
+            pipe_ends[2].as_raw_fd(),
+        );
         let in_child = || {
             forkserver::unblock_sigchld();
             unsafe {
@@ -637,6 +685,17 @@ impl PoolCore {
     fn submit(&self, job: &PyJob, part: usize, payload: &Bound<'_, PyAny>) -> PyResult<()> {
         // bytes (what rpool's pickling returns) are read in place: the frame is the only copy.
         if let Ok(bytes) = payload.downcast::<PyBytes>() {
+            if !bytes.is_exact_instance_of::<PyBytes>() {
+                if let Some(buffers) = take_shared_fd(payload)? {
+                    let core = &self.core;
+                    return Ok(core.submit_with_buffers(
+                        &job.inner,
+                        part,
+                        bytes.as_bytes(),
+                        Some(buffers),
+                    )?);
+                }
+            }
             return Ok(self.core.submit(&job.inner, part, bytes.as_bytes())?);
         }
         let copied = PyBuffer::<u8>::get(payload)?.to_vec(payload.py())?;

@@ -137,11 +137,17 @@ pub fn serve(
         };
         let ran_ns = started.elapsed().as_nanos() as u64;
         let bytes = data.as_bytes();
-        let kind = if ok { kind::VALUE } else { kind::RAISED };
-        if py
-            .detach(|| send(result_fd, kind, header.id, ran_ns, bytes))
-            .is_err()
-        {
+        // rpool._shm returns a `bytes` subclass for a result whose large buffers are in a memfd;
+        // it has just sent that memfd on the worker's memfd socket.
+        let shared = !data.is_exact_instance_of::<PyBytes>();
+        let kind = match (ok, shared) {
+            (true, false) => kind::VALUE,
+            (false, false) => kind::RAISED,
+            (true, true) => kind::VALUE_FD,
+            (false, true) => kind::RAISED_FD,
+        };
+        let sent = py.detach(|| send(result_fd, kind, header.id, ran_ns, bytes));
+        if sent.is_err() {
             return 0;
         }
         completed += 1;

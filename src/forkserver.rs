@@ -40,7 +40,7 @@ pub fn send_msg(sock: RawFd, h: Header, fds: &[RawFd]) -> io::Result<()> {
 /// One message and the descriptors it carried; `None` when the peer closed the socket.
 pub fn recv_msg(sock: RawFd) -> io::Result<Option<(Header, Vec<OwnedFd>)>> {
     let mut raw = [0u8; HEADER_LEN];
-    let mut cmsg = nix::cmsg_space!([RawFd; 2]);
+    let mut cmsg = nix::cmsg_space!([RawFd; 3]);
     loop {
         let mut iov = [IoSliceMut::new(&mut raw)];
         match socket::recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
@@ -135,7 +135,7 @@ impl ForkServerLauncher {
             socket::SockFlag::SOCK_CLOEXEC,
         )?;
         let (config_r, config_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let child = launch::exec_with_fds(&self.argv, [theirs.as_raw_fd(), config_r.as_raw_fd()])?;
+        let child = launch::exec_with_fds(&self.argv, &[theirs.as_raw_fd(), config_r.as_raw_fd()])?;
         drop((theirs, config_r));
         let mut config = Vec::new();
         for part in &self.preamble {
@@ -173,7 +173,11 @@ impl ForkServerLauncher {
         send_msg(
             server.sock.as_raw_fd(),
             request,
-            &[pipes.task_r.as_raw_fd(), pipes.result_w.as_raw_fd()],
+            &[
+                pipes.task_r.as_raw_fd(),
+                pipes.result_w.as_raw_fd(),
+                pipes.memfd_w.as_raw_fd(),
+            ],
         )?;
         // A fresh server first imports __main__ and the setup: allow for a slow start.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -229,6 +233,7 @@ impl Launch for ForkServerLauncher {
                         pid,
                         task_fd: pipes.task_w,
                         result_fd: pipes.result_r,
+                        memfd_fd: pipes.memfd_r,
                         preamble: Vec::new(),
                         pidfd,
                     })

@@ -25,6 +25,10 @@ pub mod kind {
     /// A log record a task logged, for the parent's `logging` (`Pool(forward_logs=True)`);
     /// the payload is opaque to the core. Sent before the result of the task that logged it.
     pub const LOG: u8 = 15;
+    /// VALUE and RAISED whose pickle keeps its large buffers in a memfd, which the worker sent
+    /// just before, on its memfd socket (see rpool._shm).
+    pub const VALUE_FD: u8 = 16;
+    pub const RAISED_FD: u8 = 17;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,7 +26,32 @@ pub enum Outcome {
     /// A result kept as the object itself, never pickled (thread pools): the return value, or
     /// the exception raised when `ok` is false.
     Object { ok: bool, value: Held },
+    /// A pickled return value (`ok`) or exception whose large buffers are in `buffers`, a
+    /// memfd the worker sent along (see rpool._shm).
+    Shared {
+        ok: bool,
+        pickle: Vec<u8>,
+        buffers: SharedFd,
+    },
 }
+
+/// A descriptor shared by clones of an outcome; closed when the last one goes.
+#[derive(Clone)]
+pub struct SharedFd(pub Arc<OwnedFd>);
+
+impl std::fmt::Debug for SharedFd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedFd({})", self.0.as_raw_fd())
+    }
+}
+
+impl PartialEq for SharedFd {
+    fn eq(&self, other: &SharedFd) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SharedFd {}
 
 /// An object owned by whoever completes the part (a Python object, for the bindings).
 #[derive(Clone)]

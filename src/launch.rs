@@ -23,12 +23,15 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-/// The two pipes of one worker: (task read end, task write end), (result read end, result write end).
+/// The two pipes of one worker: (task read end, task write end), (result read end, result write
+/// end), and its memfd socket: (parent's end, worker's end).
 pub struct WorkerPipes {
     pub task_r: OwnedFd,
     pub task_w: OwnedFd,
     pub result_r: OwnedFd,
     pub result_w: OwnedFd,
+    pub memfd_r: OwnedFd,
+    pub memfd_w: OwnedFd,
 }
 
 pub fn worker_pipes() -> io::Result<WorkerPipes> {
@@ -39,11 +42,14 @@ pub fn worker_pipes() -> io::Result<WorkerPipes> {
     for fd in [&task_w, &result_w] {
         unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
     }
+    let (memfd_r, memfd_w) = crate::shm::memfd_socket()?;
     Ok(WorkerPipes {
         task_r,
         task_w,
         result_r,
         result_w,
+        memfd_r,
+        memfd_w,
     })
 }
 
@@ -57,9 +63,10 @@ pub fn die_with_parent(parent: libc::pid_t) {
     }
 }
 
-/// The fd numbers an exec'd worker finds its pipes on.
+/// The fd numbers an exec'd worker finds its pipes (and memfd socket) on.
 pub const EXEC_TASK_FD: i32 = 3;
 pub const EXEC_RESULT_FD: i32 = 4;
+pub const EXEC_MEMFD_FD: i32 = 5;
 
 /// fork+exec of a fresh interpreter per worker (`spawn`): nothing of the parent's
 /// memory is shared, so this is safe from any thread.
@@ -69,25 +76,29 @@ pub struct ExecLauncher {
     pub preamble: Vec<Vec<u8>>,
 }
 
-/// fork+exec `argv` with `fds[0]` and `fds[1]` at fd 3 and 4, dying with the calling thread.
-pub fn exec_with_fds(argv: &[String], fds: [RawFd; 2]) -> io::Result<std::process::Child> {
+/// fork+exec `argv` with `fds[0]`, `fds[1]` (and `fds[2]`) at fd 3, 4 (and 5), dying with the
+/// calling thread.
+pub fn exec_with_fds(argv: &[String], fds: &[RawFd]) -> io::Result<std::process::Child> {
+    let fds = fds.to_vec();
     let parent = std::process::id() as libc::pid_t;
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     unsafe {
         cmd.pre_exec(move || {
-            // Move the ends to fixed numbers, via high numbers so neither clobbers the other.
-            let a = libc::fcntl(fds[0], libc::F_DUPFD, 10);
-            let b = libc::fcntl(fds[1], libc::F_DUPFD, 10);
-            if a < 0
-                || b < 0
-                || libc::dup2(a, EXEC_TASK_FD) < 0
-                || libc::dup2(b, EXEC_RESULT_FD) < 0
-            {
-                return Err(io::Error::last_os_error());
+            // Move the ends to fixed numbers, via high numbers so none clobbers another.
+            let mut high = [-1; 3];
+            for (i, &fd) in fds.iter().enumerate() {
+                high[i] = libc::fcntl(fd, libc::F_DUPFD, 10);
+                if high[i] < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
-            libc::close(a);
-            libc::close(b);
+            for (i, &fd) in high[..fds.len()].iter().enumerate() {
+                if libc::dup2(fd, EXEC_TASK_FD + i as i32) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                libc::close(fd);
+            }
             die_with_parent(parent);
             Ok(())
         });
@@ -100,7 +111,11 @@ impl Launch for ExecLauncher {
         let pipes = worker_pipes()?;
         let child = exec_with_fds(
             &self.argv,
-            [pipes.task_r.as_raw_fd(), pipes.result_w.as_raw_fd()],
+            &[
+                pipes.task_r.as_raw_fd(),
+                pipes.result_w.as_raw_fd(),
+                pipes.memfd_w.as_raw_fd(),
+            ],
         )?;
         let mut preamble = Vec::new();
         for part in &self.preamble {
@@ -110,6 +125,7 @@ impl Launch for ExecLauncher {
             pid: child.id() as i32,
             task_fd: pipes.task_w,
             result_fd: pipes.result_r,
+            memfd_fd: pipes.memfd_r,
             preamble,
             pidfd: None,
         })

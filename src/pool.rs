@@ -33,6 +33,8 @@ pub struct Launched {
     pub task_fd: OwnedFd,
     /// Parent's end of the result pipe (parent reads).
     pub result_fd: OwnedFd,
+    /// Parent's end of the worker's memfd socket (see `shm::memfd_socket`).
+    pub memfd_fd: OwnedFd,
     /// Frames to send before any task (an exec'd worker's start-up data).
     pub preamble: Vec<u8>,
     /// A pidfd for it, when the launcher has one: a fork server's worker may exit and be reaped
@@ -80,6 +82,9 @@ struct InFlight {
     /// Header and payload, ready to write; kept until the result arrives so that a task a dead
     /// worker never started can be sent to another.
     frame: Arc<Vec<u8>>,
+    /// A memfd holding the task's large buffers, which the worker opens through /proc (see
+    /// rpool._shm): kept open until the task has an outcome.
+    _buffers: Option<OwnedFd>,
 }
 
 struct Worker {
@@ -87,6 +92,7 @@ struct Worker {
     pid: i32,
     task_fd: OwnedFd,
     result_fd: OwnedFd,
+    memfd_fd: OwnedFd,
     pidfd: OwnedFd,
     reader: FrameReader,
     state: WorkerState,
@@ -346,6 +352,17 @@ impl Core {
 
     /// Queue part `part` of `job`; `payload` is the pickled call.
     pub fn submit(&self, job: &Arc<Job>, part: usize, payload: &[u8]) -> Result<(), SubmitError> {
+        self.submit_with_buffers(job, part, payload, None)
+    }
+
+    /// `submit`, keeping `buffers` (a memfd the payload refers to) open until the task ends.
+    pub fn submit_with_buffers(
+        &self,
+        job: &Arc<Job>,
+        part: usize,
+        payload: &[u8],
+        buffers: Option<OwnedFd>,
+    ) -> Result<(), SubmitError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
         frame::encode_into(&mut frame, kind::TASK, id, 0, payload);
@@ -354,6 +371,7 @@ impl Core {
             job: job.clone(),
             part,
             frame: Arc::new(frame),
+            _buffers: buffers,
         };
         let mut s = self.lock();
         if s.lifecycle == Lifecycle::Terminated {
@@ -699,6 +717,7 @@ impl Core {
             pid: launched.pid,
             task_fd: launched.task_fd,
             result_fd: launched.result_fd,
+            memfd_fd: launched.memfd_fd,
             pidfd,
             reader: FrameReader::new(),
             state: WorkerState::Starting,
@@ -856,7 +875,11 @@ impl Core {
                             became_ready = true;
                         }
                     }
-                    kind::VALUE | kind::RAISED => {
+                    kind::VALUE | kind::RAISED | kind::VALUE_FD | kind::RAISED_FD => {
+                        let body = body.to_vec();
+                        // Taken first: the memfd belongs to this frame even if it is stale.
+                        let fd = matches!(h.kind, kind::VALUE_FD | kind::RAISED_FD)
+                            .then(|| crate::shm::recv_memfd(w.memfd_fd.as_raw_fd()));
                         let Some(pos) = w.inflight.iter().position(|f| f.id == h.id) else {
                             continue;
                         };
@@ -864,11 +887,18 @@ impl Core {
                         if pos == 0 {
                             w.head_since = Instant::now();
                         }
-                        let body = body.to_vec();
-                        let outcome = if h.kind == kind::VALUE {
-                            Outcome::Value(body)
-                        } else {
-                            Outcome::Raised(body)
+                        let outcome = match (h.kind, fd) {
+                            (kind::VALUE, _) => Outcome::Value(body),
+                            (kind::RAISED, _) => Outcome::Raised(body),
+                            (_, Some(Some(fd))) => Outcome::Shared {
+                                ok: h.kind == kind::VALUE_FD,
+                                pickle: body,
+                                buffers: job::SharedFd(Arc::new(fd)),
+                            },
+                            _ => Outcome::WorkerLost(format!(
+                                "worker {} (pid {}) sent a shared-memory result without its memfd",
+                                w.number, w.pid
+                            )),
                         };
                         timings.push(h.aux);
                         done.push((flight, outcome));
@@ -1191,6 +1221,7 @@ mod tests {
                 pid,
                 task_fd: pipes.task_w,
                 result_fd: pipes.result_r,
+                memfd_fd: pipes.memfd_r,
                 preamble: Vec::new(),
                 pidfd: None,
             })

@@ -23,6 +23,8 @@ from typing import Any
 # What a worker's bootstrap returns: `(execute, maxtasksperchild, max_memory_per_child)`.
 Booted = tuple[Callable[..., tuple[bool, bytes]], int | None, int | None]
 
+from . import _shm
+
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
@@ -53,7 +55,7 @@ def result_dumps(obj: object) -> bytes:
     """A worker's results under `serializer="cloudpickle"`: plain pickle's speed for plain data,
     cloudpickle for what plain pickle refuses (a lambda returned by a task)."""
     try:
-        return dumps(obj)
+        return _shm.dumps_result(obj)
     except Exception:
         return cloud_dumps(obj)
 
@@ -74,10 +76,11 @@ def dump_exception(exc: BaseException, dumps: Callable[[object], bytes] = dumps)
         return dumps(MaybeEncodingError(err, exc))
 
 
-def execute(payload: bytes, dumps: Callable[[object], bytes] = dumps) -> tuple[bool, bytes]:
+def execute(payload: bytes, dumps: Callable[[object], bytes] = _shm.dumps_result) -> tuple[bool, bytes]:
     """Run one pickled `(func, args, kwds)`. Never raises: returns `(ok, pickled result)`.
 
-    `dumps` pickles the result or exception (rpool.distributed passes cloudpickle's).
+    `dumps` pickles the result or exception (rpool.distributed passes cloudpickle's); the
+    default sends large buffers through shared memory (rpool._shm).
     """
     try:
         func, args, kwds = pickle.loads(payload)

@@ -27,7 +27,7 @@ from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
-from . import _aio, _progress, _rpool
+from . import _aio, _progress, _rpool, _shm
 from ._worker import dumps as _dumps
 from ._worker import bootstrap_forked, cloud_dumps, mapstar, starmapstar
 
@@ -59,6 +59,7 @@ TERMINATE = "TERMINATE"
 # Outcome kinds as the core reports them (see PyJob.take in src/bindings.rs).
 _VALUE, _RAISED, _LOST, _TERMINATED, _TIMED_OUT = 0, 1, 2, 3, 4
 _CANCELLED, _OBJECT_VALUE, _OBJECT_RAISED = 5, 6, 7
+_SHARED_VALUE, _SHARED_RAISED = 8, 9  # `(pickle, memfd)`: large buffers in shared memory
 
 # Decoding a result happens once, whichever thread asks first.
 _settle_lock = threading.Lock()
@@ -105,6 +106,17 @@ def _decode(job: _rpool.Job, part: int) -> tuple[bool, Any]:
     if kind == _RAISED:
         try:
             return False, pickle.loads(data)
+        except Exception as exc:
+            err = RemoteError(f"the task raised an exception that cannot be unpickled in the parent: {exc!r}")
+            return False, err
+    if kind == _SHARED_VALUE:
+        try:
+            return True, _shm.loads_received(*data)
+        except Exception as exc:
+            return False, exc
+    if kind == _SHARED_RAISED:
+        try:
+            return False, _shm.loads_received(*data)
         except Exception as exc:
             err = RemoteError(f"the task raised an exception that cannot be unpickled in the parent: {exc!r}")
             return False, err
@@ -463,7 +475,7 @@ def _dump_task(
     call: tuple[Any, ...],
     func: object,
     parts: Callable[[], list[tuple[str, Any]]],
-    dumps: Callable[[Any], bytes] = _dumps,
+    dumps: Callable[[Any], bytes] = _shm.dumps,
 ) -> bytes:
     """Pickle `call` for a worker with `dumps`. If it cannot be, find which of the function and
     `parts()` (`(what, object)` pairs: the arguments or input items) is to blame, and say so."""
@@ -477,7 +489,7 @@ def _dump_task(
             except Exception:
                 culprit, blamed = f"{what} {_short_repr.repr(obj)}", obj
                 break
-        hint = _CLOUDPICKLE_HINT if dumps is _dumps and _cloudpickle_would_help(blamed, exc) else ""
+        hint = _CLOUDPICKLE_HINT if dumps in (_dumps, _shm.dumps) and _cloudpickle_would_help(blamed, exc) else ""
         raise UnpicklableTaskError(f"cannot pickle {culprit} for {_label(func)}: {exc}{hint}") from exc
 
 
@@ -884,6 +896,7 @@ class Pool:
         self._core.terminate()
         self._cache.clear()
         _live_pools.discard(self)
+        _shm.trim()
 
     def join(self) -> None:
         """Wait for the workers to exit (after `close` or `terminate`) and the callbacks to run."""
@@ -894,6 +907,7 @@ class Pool:
         self._release_read_aheads("lift")
         self._core.join()
         _live_pools.discard(self)
+        _shm.trim()
 
     def __enter__(self) -> Self:
         self._check_running()
