@@ -45,8 +45,8 @@ def numpy_sum(array):
     return float(array.sum()), array.dtype.str, array.shape
 
 
-def memfd_links(_=None):
-    """The rpool shared-memory files this worker has open."""
+def open_memfds():
+    """`(fd, link target)` of each rpool shared-memory file this process has open."""
     found = []
     for name in os.listdir("/proc/self/fd"):
         try:
@@ -54,5 +54,10 @@ def memfd_links(_=None):
         except OSError:
             continue
         if target.startswith("/memfd:rpool-buffers"):
-            found.append(target)
+            found.append((int(name), target))
     return found
+
+
+def memfd_links(_=None):
+    """The rpool shared-memory files this worker has open."""
+    return [target for _, target in open_memfds()]

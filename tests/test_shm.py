@@ -32,15 +32,7 @@ def digest(obj):
 
 def memfds():
     """This process's descriptors for rpool's shared-memory files."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith("/memfd:rpool-buffers"):
-            found.append(int(name))
-    return found
+    return [fd for fd, _ in T.open_memfds()]
 
 
 def no_memfds_left():
