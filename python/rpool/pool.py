@@ -489,7 +489,7 @@ def _dump_task(
             except Exception:
                 culprit, blamed = f"{what} {_short_repr.repr(obj)}", obj
                 break
-        hint = _CLOUDPICKLE_HINT if dumps in (_dumps, _shm.dumps) and _cloudpickle_would_help(blamed, exc) else ""
+        hint = _CLOUDPICKLE_HINT if dumps is _shm.dumps and _cloudpickle_would_help(blamed, exc) else ""
         raise UnpicklableTaskError(f"cannot pickle {culprit} for {_label(func)}: {exc}{hint}") from exc
 
 
@@ -515,7 +515,7 @@ def _task_dumps(serializer: str) -> Callable[[Any], bytes]:
     if serializer not in _SERIALIZERS:
         raise ValueError(f"serializer must be 'pickle' or 'cloudpickle', not {serializer!r}")
     if serializer == "pickle":
-        return _dumps
+        return _shm.dumps
     try:
         importlib.import_module("cloudpickle")  # only to fail here, early and clearly
     except ImportError as exc:
@@ -591,7 +591,7 @@ class Pool:
         _rpool.reset_log_cache()
         processes = _check_pool_arguments(processes, initializer, maxtasksperchild)
         dumps = _task_dumps(serializer)
-        if dumps is not _dumps:
+        if dumps is not _shm.dumps:
             self._pack = functools.partial(_dump_task, dumps=dumps)
         self._task_timeout = _check_seconds(task_timeout, "task_timeout")
         if max_memory_per_child is not None:
