@@ -567,7 +567,7 @@ impl Core {
                 w.outbox.push_back((Arc::new(stop), false));
                 w.stop_sent = true;
             }
-            if !w.outbox.is_empty() && (writes == Writes::Now || w.sent_unanswered() < 2) {
+            if !w.outbox.is_empty() && (writes == Writes::Now || w.sent_unanswered() < 1) {
                 self.flush(w);
             }
         }
