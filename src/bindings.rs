@@ -8,7 +8,7 @@ use crate::job::{self, Outcome};
 use crate::launch::{
     self, die_with_parent, worker_pipes, ExecLauncher, EXEC_MEMFD_FD, EXEC_RESULT_FD, EXEC_TASK_FD,
 };
-use crate::pool::{Core, Launch, Launched, Lifecycle, PoolConfig, SubmitError};
+use crate::pool::{Callable, Core, Launch, Launched, Lifecycle, PoolConfig, SubmitError, TaskPart};
 use crate::threads::{self, Next};
 use crossbeam::channel::Receiver;
 use pyo3::buffer::PyBuffer;
@@ -163,9 +163,7 @@ impl PyJob {
     #[pyo3(signature = (count, timeout=None))]
     fn wait_finished(&self, py: Python<'_>, count: usize, timeout: Option<f64>) -> PyResult<bool> {
         let job = &self.inner;
-        wait_interruptibly(py, timeout, |slice| {
-            job.wait_for(slice, |v| v.finished() > count || v.complete())
-        })
+        wait_interruptibly(py, timeout, |slice| job.wait_count(slice, count + 1))
     }
 
     /// The parts that finished after the first `start` ones, in finishing order (for progress bars).
@@ -681,25 +679,69 @@ impl PoolCore {
         })
     }
 
-    /// Queue part `part` of `job`: `payload` is the pickled `(func, args, kwds)`.
-    fn submit(&self, job: &PyJob, part: usize, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// Queue part `part` of `job`: `payload` is the pickled `(func, args, kwds)`, or, with
+    /// `callable` (the pickled function), the pickled `(args, kwds)`. `reusable`: the worker may
+    /// keep the unpickled callable for later tasks (a function sent by name).
+    #[pyo3(signature = (job, part, payload, callable=None, reusable=false))]
+    fn submit(
+        &self,
+        job: &PyJob,
+        part: usize,
+        payload: &Bound<'_, PyAny>,
+        callable: Option<&[u8]>,
+        reusable: bool,
+    ) -> PyResult<()> {
+        self.submit_many(job, part, vec![payload.clone()], callable, reusable)
+    }
+
+    /// `submit` for parts `first`, `first + 1`, ... of `job`, one payload each, all with the
+    /// same callable: queued together, so that they reach the workers in few writes.
+    #[pyo3(signature = (job, first, payloads, callable=None, reusable=false))]
+    fn submit_many(
+        &self,
+        job: &PyJob,
+        first: usize,
+        payloads: Vec<Bound<'_, PyAny>>,
+        callable: Option<&[u8]>,
+        reusable: bool,
+    ) -> PyResult<()> {
+        let callable = match callable {
+            None => Callable::InPayload,
+            Some(c) if reusable => Callable::Reusable(c),
+            Some(c) => Callable::Pickled(c),
+        };
         // bytes (what rpool's pickling returns) are read in place: the frame is the only copy.
-        if let Ok(bytes) = payload.downcast::<PyBytes>() {
-            if !bytes.is_exact_instance_of::<PyBytes>() {
-                if let Some(buffers) = take_shared_fd(payload)? {
-                    let core = &self.core;
-                    return Ok(core.submit_with_buffers(
-                        &job.inner,
-                        part,
-                        bytes.as_bytes(),
-                        Some(buffers),
-                    )?);
+        let mut copies = Vec::new();
+        let mut held = Vec::with_capacity(payloads.len());
+        for payload in &payloads {
+            match payload.downcast::<PyBytes>() {
+                Ok(bytes) => {
+                    let buffers = if bytes.is_exact_instance_of::<PyBytes>() {
+                        None
+                    } else {
+                        take_shared_fd(payload)?
+                    };
+                    held.push((Some(bytes.as_bytes()), buffers));
+                }
+                Err(_) => {
+                    copies.push(PyBuffer::<u8>::get(payload)?.to_vec(payload.py())?);
+                    held.push((None, None));
                 }
             }
-            return Ok(self.core.submit(&job.inner, part, bytes.as_bytes())?);
         }
-        let copied = PyBuffer::<u8>::get(payload)?.to_vec(payload.py())?;
-        Ok(self.core.submit(&job.inner, part, &copied)?)
+        let mut copied = copies.iter();
+        let parts = held
+            .into_iter()
+            .enumerate()
+            .map(|(i, (bytes, buffers))| TaskPart {
+                part: first + i,
+                callable,
+                payload: bytes
+                    .unwrap_or_else(|| copied.next().expect("a copy per non-bytes payload")),
+                buffers,
+            })
+            .collect();
+        Ok(self.core.submit_parts(&job.inner, parts)?)
     }
 
     /// Fail part `part` in the parent (its input could not be pickled); `exc` is the pickled error.
@@ -803,6 +845,14 @@ impl ThreadCore {
     /// Queue part `part` of `job`; `payload` is handed as it is to the thread that runs it.
     fn submit(&self, job: &PyJob, part: usize, payload: Py<PyAny>) -> PyResult<()> {
         Ok(self.core.submit(&job.inner, part, payload)?)
+    }
+
+    /// `submit` for parts `first`, `first + 1`, ... of `job`.
+    fn submit_many(&self, job: &PyJob, first: usize, payloads: Vec<Py<PyAny>>) -> PyResult<()> {
+        for (i, payload) in payloads.into_iter().enumerate() {
+            self.core.submit(&job.inner, first + i, payload)?;
+        }
+        Ok(())
     }
 
     fn fail_part(&self, job: &PyJob, part: usize, exc: Vec<u8>) {

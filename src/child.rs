@@ -4,6 +4,7 @@
 use crate::frame::{self, kind, FrameReader, Header};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
+use std::collections::HashMap;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Mutex;
@@ -92,6 +93,50 @@ pub fn resident_bytes() -> Option<u64> {
     Some(pages * page.max(1) as u64)
 }
 
+/// Callables of earlier tasks sent with `TASK_REUSABLE`, by their pickled bytes: a function
+/// sent by name is looked up (module import, attribute walk) once per worker, not once per task.
+struct Callables<'py> {
+    loads: Option<Bound<'py, PyAny>>,
+    known: HashMap<Vec<u8>, Bound<'py, PyAny>>,
+}
+
+impl<'py> Callables<'py> {
+    /// Plenty for the functions one program maps; past it the table starts over.
+    const MAX: usize = 256;
+
+    fn new(py: Python<'py>) -> Self {
+        let loads = py.import("pickle").and_then(|m| m.getattr("loads")).ok();
+        Callables {
+            loads,
+            known: HashMap::new(),
+        }
+    }
+
+    /// The callable `pickled` names, or None if it cannot be unpickled here.
+    fn get(
+        &mut self,
+        py: Python<'py>,
+        pickled: &[u8],
+        reusable: bool,
+    ) -> Option<Bound<'py, PyAny>> {
+        if let Some(func) = self.known.get(pickled) {
+            return Some(func.clone());
+        }
+        let func = self
+            .loads
+            .as_ref()?
+            .call1((PyBytes::new(py, pickled),))
+            .ok()?;
+        if reusable {
+            if self.known.len() >= Self::MAX {
+                self.known.clear();
+            }
+            self.known.insert(pickled.to_vec(), func.clone());
+        }
+        Some(func)
+    }
+}
+
 /// Serve tasks until STOP, EOF (the parent is gone) or a limit. Returns the exit code.
 /// `execute(payload: bytes) -> (ok: bool, data: bytes)` never raises for a task's own errors.
 pub fn serve(
@@ -107,6 +152,7 @@ pub fn serve(
     }
     let task_pipe = unsafe { BorrowedFd::borrow_raw(task_fd) };
     let mut completed = 0u64;
+    let mut callables = Callables::new(py);
     loop {
         // Block without the GIL so that threads the task code started keep running.
         match py.detach(|| reader.wait_frame(task_pipe)) {
@@ -122,12 +168,22 @@ pub fn serve(
                 return 1;
             }
         }
-        let payload = PyBytes::new(py, body);
         let started = Instant::now();
-        let (ok, data) = match execute
-            .call1((payload,))
-            .and_then(|r| r.extract::<(bool, Bound<'_, PyBytes>)>())
-        {
+        let callable_len = (header.aux & frame::TASK_CALLABLE_LEN) as usize;
+        let called = if callable_len == 0 {
+            execute.call1((PyBytes::new(py, body),))
+        } else {
+            let (pickled, args) = body.split_at(callable_len.min(body.len()));
+            let reusable = header.aux & frame::TASK_REUSABLE != 0;
+            match callables.get(py, pickled, reusable) {
+                Some(func) => execute.call1((PyBytes::new(py, args), func)),
+                // execute() unpickles it again, under its guard, to report why it cannot be.
+                None => {
+                    execute.call1((PyBytes::new(py, args), py.None(), PyBytes::new(py, pickled)))
+                }
+            }
+        };
+        let (ok, data) = match called.and_then(|r| r.extract::<(bool, Bound<'_, PyBytes>)>()) {
             Ok(r) => r,
             Err(e) => {
                 // execute() guards every task error, so this is a bug in rpool itself.

@@ -10,6 +10,10 @@ pub const HEADER_LEN: usize = 24;
 
 /// Frame kinds. Parent to worker: `TASK`, `STOP`, `CONFIG`. Worker to parent: the rest.
 pub mod kind {
+    /// `aux` is the length of the pickled callable the payload starts with (`TASK_CALLABLE_LEN`),
+    /// the rest being a pickled `(args, kwds)`; 0 when the payload is one pickled
+    /// `(func, args, kwds)`. With `TASK_REUSABLE`, the worker may keep the unpickled callable for
+    /// later tasks that start with the same bytes (a function sent by name has no state to lose).
     pub const TASK: u8 = 1;
     pub const STOP: u8 = 2;
     /// Pickled start-up data for an exec'd worker; sent before any task.
@@ -30,6 +34,9 @@ pub mod kind {
     pub const VALUE_FD: u8 = 16;
     pub const RAISED_FD: u8 = 17;
 }
+
+pub const TASK_CALLABLE_LEN: u64 = 0xffff_ffff;
+pub const TASK_REUSABLE: u64 = 1 << 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -62,9 +69,18 @@ impl Header {
 
 /// Encode one frame into `out` (used where frames are batched into one buffer).
 pub fn encode_into(out: &mut Vec<u8>, kind: u8, id: u64, aux: u64, payload: &[u8]) {
-    let len = u32::try_from(payload.len()).expect("frame payload over 4 GiB");
+    encode_parts_into(out, kind, id, aux, &[payload]);
+}
+
+/// `encode_into` for a payload made of several pieces, written one after the other.
+pub fn encode_parts_into(out: &mut Vec<u8>, kind: u8, id: u64, aux: u64, payload: &[&[u8]]) {
+    let total: usize = payload.iter().map(|p| p.len()).sum();
+    let len = u32::try_from(total).expect("frame payload over 4 GiB");
+    out.reserve(HEADER_LEN + total);
     out.extend_from_slice(&Header { kind, len, id, aux }.encode());
-    out.extend_from_slice(payload);
+    for piece in payload {
+        out.extend_from_slice(piece);
+    }
 }
 
 /// Reads frames from a pipe into one growing buffer, so that one `read` can deliver many frames.

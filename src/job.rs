@@ -100,6 +100,9 @@ struct Parts {
     /// part that does not finish the job: a `map` of 20,000 parts would otherwise wake its
     /// waiting caller 20,000 times for nothing.
     part_waiters: usize,
+    /// The least `finished` count a `wait_count` caller waits for (0: none waits), so that it is
+    /// woken once, when its count is reached, not by every part before.
+    wake_at: usize,
 }
 
 impl Parts {
@@ -207,7 +210,11 @@ impl Job {
         if complete && !self.has_callbacks {
             p.ready = true;
         }
-        let wake = complete || p.part_waiters > 0;
+        let counted = p.wake_at != 0 && p.finished >= p.wake_at;
+        if counted {
+            p.wake_at = 0; // the woken re-register if they wait on
+        }
+        let wake = complete || counted || p.part_waiters > 0;
         drop(p);
         if wake {
             self.changed.notify_all();
@@ -268,6 +275,32 @@ impl Job {
             p.finish_order.pop_front();
         }
         Some(outcome)
+    }
+
+    /// Block up to `timeout` until `count` parts have finished or the job is complete; returns
+    /// whether that happened. Unlike `wait_for`, finished parts short of `count` wake nobody.
+    pub fn wait_count(&self, timeout: Duration, count: usize) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.lock();
+        loop {
+            if p.finished >= count || p.total == Some(p.finished) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            p.wake_at = if p.wake_at == 0 {
+                count
+            } else {
+                p.wake_at.min(count)
+            };
+            p = self
+                .changed
+                .wait_timeout(p, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Block up to `timeout` until `pred` holds; returns whether it does. Woken by every change.

@@ -74,6 +74,26 @@ enum WorkerState {
     Leaving,
 }
 
+/// How a task frame carries the function to call.
+#[derive(Clone, Copy)]
+pub enum Callable<'a> {
+    /// The payload is one pickled `(func, args, kwds)`.
+    InPayload,
+    /// This pickled callable comes first, then the pickled `(args, kwds)`.
+    Pickled(&'a [u8]),
+    /// `Pickled`, and the worker may keep the callable for later tasks with the same bytes.
+    Reusable(&'a [u8]),
+}
+
+/// A part of a job to queue.
+pub struct TaskPart<'a> {
+    pub part: usize,
+    pub callable: Callable<'a>,
+    pub payload: &'a [u8],
+    /// A memfd holding the payload's large buffers (rpool._shm), open until the task ends.
+    pub buffers: Option<OwnedFd>,
+}
+
 /// A task, queued or held by a worker.
 struct InFlight {
     id: u64,
@@ -193,6 +213,11 @@ pub struct Core {
     /// `lifecycle == Running`, readable without the scheduler lock (which rpool-io holds while it
     /// reads and writes pipes): a new `apply` job needs nothing else from it.
     running: AtomicBool,
+    /// rpool-io was poked to write outboxes and has not yet woken for it: a burst of
+    /// submissions pokes it once.
+    flush_poked: AtomicBool,
+    /// rpool-io sleeps with a timeout over a millisecond: frames left for it need a poke.
+    io_sleeps_long: AtomicBool,
     supervise_tx: Sender<SuperviseMsg>,
     callbacks_tx: Mutex<Option<Sender<Arc<Job>>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -207,6 +232,10 @@ const FD_TASK: u64 = 1;
 const FD_PID: u64 = 2;
 
 const TERMINATED: &str = "the pool was terminated before this task finished";
+
+/// Tasks shorter than this on average are "short": answers come often enough for rpool-io to
+/// write what callers submit in batches.
+const SHORT_TASK_NS: f64 = 1_000_000.0;
 
 /// Give up on a pool whose workers keep dying in their initializer after this many in a row.
 const MAX_INIT_FAILURES: u32 = 3;
@@ -251,6 +280,8 @@ impl Core {
             wake,
             next_id: AtomicU64::new(1),
             running: AtomicBool::new(true),
+            flush_poked: AtomicBool::new(false),
+            io_sleeps_long: AtomicBool::new(false),
             supervise_tx,
             callbacks_tx: Mutex::new(Some(callbacks_tx)),
             threads: Mutex::new(Vec::new()),
@@ -363,26 +394,55 @@ impl Core {
         payload: &[u8],
         buffers: Option<OwnedFd>,
     ) -> Result<(), SubmitError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
-        frame::encode_into(&mut frame, kind::TASK, id, 0, payload);
-        let flight = InFlight {
-            id,
-            job: job.clone(),
+        let task = TaskPart {
             part,
-            frame: Arc::new(frame),
-            _buffers: buffers,
+            callable: Callable::InPayload,
+            payload,
+            buffers,
         };
+        self.submit_parts(job, vec![task])
+    }
+
+    /// Queue several parts of `job` under one lock: rpool-io can then write them in one batch.
+    pub fn submit_parts(
+        &self,
+        job: &Arc<Job>,
+        parts: Vec<TaskPart<'_>>,
+    ) -> Result<(), SubmitError> {
+        let flights: Vec<InFlight> = parts
+            .into_iter()
+            .map(|t| {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let (callable, aux) = match t.callable {
+                    Callable::InPayload => (&[][..], 0),
+                    Callable::Pickled(c) => (c, c.len() as u64),
+                    Callable::Reusable(c) => (c, c.len() as u64 | frame::TASK_REUSABLE),
+                };
+                let mut frame = Vec::new();
+                frame::encode_parts_into(&mut frame, kind::TASK, id, aux, &[callable, t.payload]);
+                InFlight {
+                    id,
+                    job: job.clone(),
+                    part: t.part,
+                    frame: Arc::new(frame),
+                    _buffers: t.buffers,
+                }
+            })
+            .collect();
         let mut s = self.lock();
         if s.lifecycle == Lifecycle::Terminated {
             return Err(SubmitError::NotRunning);
         }
         if let Some(reason) = s.broken.clone() {
             drop(s);
-            self.finish(vec![(flight, Outcome::WorkerLost(reason))]);
+            let lost = flights
+                .into_iter()
+                .map(|f| (f, Outcome::WorkerLost(reason.clone())))
+                .collect();
+            self.finish(lost);
             return Ok(());
         }
-        s.queue.push_back(flight);
+        s.queue.extend(flights);
         self.pump_with(&mut s, Writes::Batched);
         Ok(())
     }
@@ -515,13 +575,17 @@ impl Core {
         self.pump_with(s, Writes::Now)
     }
 
-    /// `pump`; with `Writes::Batched`, a worker that still has two answers to send keeps its new
-    /// frames in the outbox: rpool-io writes them all in one `writev` when an answer arrives,
-    /// instead of one system call (and one wake-up of the worker) per task on the caller's thread.
+    /// `pump`; with `Writes::Batched` (a caller's submit), only a pool with nothing in flight is
+    /// written to at once. Otherwise new frames wait in the outboxes and rpool-io writes them in
+    /// one `writev` per worker, when an answer arrives or when poked, instead of one system call
+    /// (and one wake-up of a worker) per task on the caller's thread.
     fn pump_with(&self, s: &mut Sched, writes: Writes) {
         // No worker takes more than its fair share of the work in sight, counting workers still
         // starting: otherwise the first ready worker could take every long task of a short map.
         let in_flight: usize = s.workers.iter().map(|w| w.inflight.len()).sum();
+        let busy = in_flight > 0;
+        let short_tasks = s.avg_task_ns < SHORT_TASK_NS;
+        let mut poke = false;
         let fair_share = (s.queue.len() + in_flight).div_ceil(self.config.processes.max(1));
         let depth = prefetch_depth(s.avg_task_ns).min(fair_share.max(1));
         let max_tasks = self.config.max_tasks_per_child;
@@ -567,9 +631,27 @@ impl Core {
                 w.outbox.push_back((Arc::new(stop), false));
                 w.stop_sent = true;
             }
-            if !w.outbox.is_empty() && (writes == Writes::Now || w.sent_unanswered() < 1) {
-                self.flush(w);
+            if w.outbox.is_empty() {
+                continue;
             }
+            match writes {
+                Writes::Now => self.flush(w),
+                // Its next answer wakes rpool-io, which writes the whole outbox then.
+                Writes::Batched if w.sent_unanswered() > 0 => {}
+                // Short tasks are in flight: some answer is due soon, and rpool-io then writes
+                // what gathered meanwhile in one go, where the caller would make a system call
+                // (and wake a worker) per task. rpool-io looks at least every millisecond.
+                Writes::Batched if busy && short_tasks => poke = true,
+                // A lone task for an idle pool goes at once: that is apply()'s latency.
+                Writes::Batched => self.flush(w),
+            }
+        }
+        // rpool-io went to sleep for longer than a millisecond (it saw nothing in flight).
+        if poke
+            && self.io_sleeps_long.load(Ordering::Acquire)
+            && !self.flush_poked.swap(true, Ordering::AcqRel)
+        {
+            self.poke();
         }
     }
 
@@ -782,10 +864,7 @@ impl Core {
     fn io_loop(&self) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
         loop {
-            let wait_ms = self.next_deadline().map_or(1000, |d| {
-                let left = d.saturating_duration_since(Instant::now());
-                left.as_micros().div_ceil(1000).min(1000) as i32
-            });
+            let wait_ms = self.wait_ms();
             let n = unsafe {
                 libc::epoll_wait(
                     self.epoll.as_raw_fd(),
@@ -814,6 +893,8 @@ impl Core {
                     if tok == TOKEN_WAKE {
                         let mut buf = [0u8; 8];
                         unsafe { libc::read(self.wake.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+                        // Before the pump below: a submission after it pokes again.
+                        self.flush_poked.store(false, Ordering::Release);
                         continue;
                     }
                     let (number, which) = (tok >> 2, tok & 3);
@@ -1036,13 +1117,20 @@ impl Core {
         }
     }
 
-    /// The earliest moment a running task's time limit runs out.
-    fn next_deadline(&self) -> Option<Instant> {
-        self.lock()
-            .workers
-            .iter()
-            .filter_map(Worker::head_deadline)
-            .min()
+    /// How long rpool-io may sleep: until the nearest time limit runs out, and at most a
+    /// millisecond while short tasks are in flight (callers leave frames for it then).
+    fn wait_ms(&self) -> i32 {
+        let s = self.lock();
+        let deadline = s.workers.iter().filter_map(Worker::head_deadline).min();
+        let mut ms = deadline.map_or(1000, |d| {
+            let left = d.saturating_duration_since(Instant::now());
+            left.as_micros().div_ceil(1000).min(1000) as i32
+        });
+        if s.avg_task_ns < SHORT_TASK_NS && s.workers.iter().any(|w| !w.inflight.is_empty()) {
+            ms = ms.min(1);
+        }
+        self.io_sleeps_long.store(ms > 1, Ordering::Release);
+        ms
     }
 
     /// Kill each worker whose running task is past its time limit; that task fails with

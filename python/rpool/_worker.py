@@ -76,14 +76,27 @@ def dump_exception(exc: BaseException, dumps: Callable[[object], bytes] = dumps)
         return dumps(MaybeEncodingError(err, exc))
 
 
-def execute(payload: bytes, dumps: Callable[[object], bytes] = _shm.dumps_result) -> tuple[bool, bytes]:
-    """Run one pickled `(func, args, kwds)`. Never raises: returns `(ok, pickled result)`.
+def execute(
+    payload: bytes,
+    func: Callable[..., Any] | None = None,
+    func_pickle: bytes | None = None,
+    dumps: Callable[[object], bytes] = _shm.dumps_result,
+) -> tuple[bool, bytes]:
+    """Run one task. Never raises: returns `(ok, pickled result)`.
 
+    `payload` is a pickled `(func, args, kwds)`, or only `(args, kwds)` when the function came
+    apart: as `func` (unpickled, and kept, by the serve loop) or as `func_pickle`.
     `dumps` pickles the result or exception (rpool.distributed passes cloudpickle's); the
     default sends large buffers through shared memory (rpool._shm).
     """
     try:
-        func, args, kwds = pickle.loads(payload)
+        if func is not None:
+            args, kwds = pickle.loads(payload)
+        elif func_pickle is not None:
+            func = pickle.loads(func_pickle)
+            args, kwds = pickle.loads(payload)
+        else:
+            func, args, kwds = pickle.loads(payload)
         result = func(*args, **kwds)
     except BaseException as exc:  # SystemExit too: the task fails, the worker lives on
         return False, dump_exception(exc, dumps)

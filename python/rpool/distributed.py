@@ -69,7 +69,7 @@ def _run_part(payload, time_limit=None, started_topic=None):
     its worker may be running others. Code blocked in C meets the exception once that call returns.
     """
     if time_limit is None:
-        return execute(payload, _cloud_dumps)
+        return execute(payload, dumps=_cloud_dumps)
     worker = distributed.get_worker()
     worker.log_event(started_topic, worker.get_current_task())
     deadline = _Deadline(threading.get_ident())
@@ -78,7 +78,7 @@ def _run_part(payload, time_limit=None, started_topic=None):
     timer.start()
     try:
         try:
-            outcome = execute(payload, _cloud_dumps)
+            outcome = execute(payload, dumps=_cloud_dumps)
         finally:
             timer.cancel()
             deadline.disarm()
@@ -207,6 +207,10 @@ class _DaskCore:
             with self._changed:
                 self._open_jobs[job.id] = 0
         return job
+
+    def submit_many(self, job, first, payloads):
+        for i, payload in enumerate(payloads):
+            self.submit(job, first + i, payload)
 
     def submit(self, job, part, payload):
         limit = job.time_limit

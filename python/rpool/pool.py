@@ -224,7 +224,7 @@ AsyncResult = ApplyResult
 class MapResult(ApplyResult[list[T]]):
     """The result of `map_async`/`starmap_async`: one part per chunk, values in input order."""
 
-    __slots__ = ("_parts", "_progress")
+    __slots__ = ("_parts", "_progress", "_early")
 
     def __init__(
         self,
@@ -236,8 +236,12 @@ class MapResult(ApplyResult[list[T]]):
         super().__init__(job, callback, error_callback)
         self._parts = parts
         self._progress: _progress.Tracker | None = None
+        # Parts decoded by a waiting `get()` before the job completed.
+        self._early: dict[int, tuple[bool, Any]] = {}
 
     def _wait(self, timeout: float | None) -> bool:
+        if timeout is None and self._parts > 1 and not getattr(_callback_thread, "active", False):
+            self._decode_early()
         if not super()._wait(timeout):
             return False
         if self._progress is not None:
@@ -245,11 +249,31 @@ class MapResult(ApplyResult[list[T]]):
             self._progress.finish()
         return True
 
+    def _decode_early(self) -> None:
+        """While `get()` waits: unpickle parts as they finish, some at a time, so that the
+        parent's unpickling overlaps the workers' work instead of following all of it."""
+        job, early = self._job, self._early
+        step = max(1, self._parts // 16)
+        done = 0
+        while done < self._parts:
+            job.wait_finished(min(done + step, self._parts) - 1)
+            finished = job.finished_parts(done)
+            if not finished:
+                return
+            done += len(finished)
+            with _settle_lock:
+                if self._settled:
+                    return
+                for part in finished:
+                    if part not in early:
+                        early[part] = _decode(job, part)
+
     def _collect(self) -> tuple[bool, Any]:
         values: list[Any] | None = []
         failure = None
+        early = self._early
         for part in range(self._parts):
-            ok, value = _decode(self._job, part)
+            ok, value = early.pop(part) if part in early else _decode(self._job, part)
             if ok and failure is None and values is not None:
                 values.append(value)
             elif not ok and failure is None:
@@ -460,6 +484,42 @@ def _label(func: object) -> str:
     return f"{module}.{name}" if isinstance(module, str) else name
 
 
+# A function pickles by name (its module and qualified name), so its pickle never changes: it is
+# made once per function (and per map helper), sent apart from the arguments, and workers keep
+# what they unpickled (TASK_REUSABLE) instead of importing and looking it up for every task.
+_by_name_pickles: dict[Any, bytes] = {}
+_BY_NAME_MAX = 1024
+
+
+def _by_name(func: object, mapper: Callable[..., Any] | None = None) -> bytes | None:
+    """The pickle of `func` (or of `partial(mapper, func)`) if `func` is a function that pickles
+    by name, else None: other callables may carry state, which must travel with each task."""
+    kind = type(func)
+    if kind is not types.FunctionType and not (
+        kind is types.BuiltinFunctionType and isinstance(getattr(func, "__self__", None), types.ModuleType)
+    ):
+        return None
+    key = func if mapper is None else (mapper, func)
+    pickled = _by_name_pickles.get(key)
+    if pickled is None:
+        try:
+            pickled = pickle.dumps(func if mapper is None else functools.partial(mapper, func), pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return None  # the whole task is pickled instead, and its error names the culprit
+        if len(_by_name_pickles) >= _BY_NAME_MAX:
+            _by_name_pickles.clear()
+        _by_name_pickles[key] = pickled
+    return pickled
+
+
+def _slices(iterable: Sequence[Any], size: int) -> list[tuple[int, Sequence[Any]]]:
+    """`map`'s chunks as `(index of the first item, chunk)`. A range, list or tuple is sliced: a
+    range's slices are ranges, so its items are neither built nor pickled one by one here."""
+    if type(iterable) in (range, list, tuple):
+        return [(start, iterable[start : start + size]) for start in range(0, len(iterable), size)]
+    return list(_chunks(iterable, size, numbered=True))
+
+
 def _bar_label(func: object) -> str | None:
     """A progress bar's default description: the function's own name."""
     name = getattr(func, "__name__", None)
@@ -569,6 +629,9 @@ class Pool:
     # How a call `(func, args, kwds)` goes to the core: `_pack(call, func, parts)` pickles it
     # (naming the part that cannot be); ThreadPool passes it as it is.
     _pack = staticmethod(_dump_task)
+    # Whether tasks send a function that pickles by name apart from its arguments (`_by_name`);
+    # only rpool's own process core reads such tasks.
+    _sends_by_name = False
     # The core that runs the tasks: `_rpool.PoolCore` here, another for ThreadPool and Dask.
     _core: Any
 
@@ -593,6 +656,7 @@ class Pool:
         dumps = _task_dumps(serializer)
         if dumps is not _shm.dumps:
             self._pack = functools.partial(_dump_task, dumps=dumps)
+        self._sends_by_name = dumps is _shm.dumps
         self._task_timeout = _check_seconds(task_timeout, "task_timeout")
         if max_memory_per_child is not None:
             if isinstance(max_memory_per_child, bool) or not isinstance(max_memory_per_child, int):
@@ -689,18 +753,29 @@ class Pool:
         """Start `func(*args, **kwds)` in a worker; returns an `AsyncResult`."""
         self._check_running()
         limit = self._time_limit(timeout)
-        payload = self._pack(
-            (func, args, kwds),
-            func,
-            lambda: [(f"argument {i + 1}", a) for i, a in enumerate(args)]
-            + [(f"keyword argument {k!r}", v) for k, v in kwds.items()],
-        )
+        pickled = _by_name(func) if self._sends_by_name else None
+        payload = None
+        if pickled is not None:
+            try:
+                payload = _shm.dumps((args, kwds))
+            except Exception:
+                pickled = None  # pickled whole below, to name the argument that cannot be
+        if payload is None:
+            payload = self._pack(
+                (func, args, kwds),
+                func,
+                lambda: [(f"argument {i + 1}", a) for i, a in enumerate(args)]
+                + [(f"keyword argument {k!r}", v) for k, v in kwds.items()],
+            )
         has_callbacks = callback is not None or error_callback is not None
         job = self._core.new_job(1, has_callbacks, _label(func), limit)
         result: ApplyResult[T] = ApplyResult(job, callback, error_callback)
         if has_callbacks:
             self._cache[job.id] = result
-        self._core.submit(job, 0, payload)
+        if pickled is None:
+            self._core.submit(job, 0, payload)
+        else:
+            self._core.submit(job, 0, payload, pickled, True)
         return result
 
     # --- map family -----------------------------------------------------------------------
@@ -779,26 +854,66 @@ class Pool:
                 chunksize += 1
         elif chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
-        chunks = list(_chunks(iterable, max(chunksize, 1), numbered=True))
-        payloads = [
-            self._pack((mapper, (func, chunk), {}), func, functools.partial(_input_items, chunk, start))
-            for start, chunk in chunks
-        ]
+        chunks = _slices(iterable, max(chunksize, 1))  # type: ignore[arg-type]
         has_callbacks = callback is not None or error_callback is not None
         bar = _progress.open_bar(progress, len(iterable), _bar_label(func))  # type: ignore[arg-type]
-        job = self._core.new_job(len(payloads), has_callbacks, _label(func), limit)
-        result: MapResult[Any] = MapResult(job, len(payloads), callback, error_callback)
+        job = self._core.new_job(len(chunks), has_callbacks, _label(func), limit)
+        result: MapResult[Any] = MapResult(job, len(chunks), callback, error_callback)
         if bar is not None:
             result._progress = _progress.Tracker(job, *bar, [len(chunk) for _, chunk in chunks])
-        if not payloads:
+        if not chunks:
             # As the stdlib: an empty map is ready at once, and its callback is not called.
             job.mark_ready()
             return result
         if has_callbacks:
             self._cache[job.id] = result
-        for part, payload in enumerate(payloads):
-            self._core.submit(job, part, payload)
+        self._submit_chunks(job, func, mapper, chunks)
         return result
+
+    def _submit_chunks(
+        self, job: _rpool.Job, func: Callable[..., Any], mapper: Callable[..., Any], chunks: list[tuple[int, Any]]
+    ) -> None:
+        """Pickle and submit a map's chunks in batches that grow from one: the workers start on
+        the first chunk while the rest are pickled. A chunk that cannot be pickled fails the job
+        (without its callbacks) and raises here, as the stdlib's map does."""
+        pickled = _by_name(func, mapper) if self._sends_by_name else None
+        core = self._core
+        batch: list[bytes] = []
+        first, size = 0, 1
+        for part, (start, chunk) in enumerate(chunks):
+            try:
+                batch.append(self._pack_chunk(pickled, func, mapper, chunk, start))
+            except BaseException as exc:
+                self._cache.pop(job.id, None)
+                self._submit_batch(job, first, batch, pickled)
+                failure = _dumps(exc)
+                for rest in range(part, len(chunks)):
+                    core.fail_part(job, rest, failure)
+                raise
+            if len(batch) >= size:
+                self._submit_batch(job, first, batch, pickled)
+                first, batch, size = part + 1, [], min(2 * size, 256)
+        self._submit_batch(job, first, batch, pickled)
+
+    def _pack_chunk(
+        self, pickled: bytes | None, func: Callable[..., Any], mapper: Callable[..., Any], chunk: Any, start: int
+    ) -> bytes:
+        if pickled is not None:
+            try:
+                return _shm.dumps(((chunk,), {}))
+            except Exception as exc:
+                self._pack((mapper, (func, chunk), {}), func, functools.partial(_input_items, chunk, start))
+                raise UnpicklableTaskError(f"cannot pickle the input of {_label(func)}: {exc}") from exc
+        payload: bytes = self._pack((mapper, (func, chunk), {}), func, functools.partial(_input_items, chunk, start))
+        return payload
+
+    def _submit_batch(self, job: _rpool.Job, first: int, batch: list[bytes], pickled: bytes | None) -> None:
+        if not batch:
+            return
+        if pickled is None:
+            self._core.submit_many(job, first, batch)
+        else:
+            self._core.submit_many(job, first, batch, pickled, True)
 
     def imap(
         self,
