@@ -245,6 +245,64 @@ impl PyJob {
     }
 }
 
+/// The items of decoded chunks an `imap` iterator hands out. `__next__` pops one here, without
+/// running any Python code, and calls the Python subclass's `_refill()` only when none is left:
+/// a Python `__next__` per item cost more than the rest of `imap_unordered` of tiny tasks.
+#[pyclass(frozen, subclass, module = "rpool._rpool")]
+pub struct ItemQueue {
+    items: Mutex<std::collections::VecDeque<Py<PyAny>>>,
+}
+
+#[pymethods]
+impl ItemQueue {
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn new(
+        _args: &Bound<'_, pyo3::types::PyTuple>,
+        _kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+    ) -> Self {
+        ItemQueue {
+            items: Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    fn __next__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        if let Some(item) = slf.get().pop() {
+            return Ok(item);
+        }
+        slf.call_method0("_refill").map(Bound::unbind)
+    }
+
+    /// Queue the items of `chunk` behind those left.
+    fn _extend(&self, chunk: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut items = Vec::new();
+        for item in chunk.try_iter()? {
+            items.push(item?.unbind());
+        }
+        self.lock().extend(items);
+        Ok(())
+    }
+
+    /// The next queued item, or `default` if none is left.
+    fn _pop(&self, default: Py<PyAny>) -> Py<PyAny> {
+        self.pop().unwrap_or(default)
+    }
+
+    fn _has_items(&self) -> bool {
+        !self.lock().is_empty()
+    }
+}
+
+impl ItemQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Py<PyAny>>> {
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pop(&self) -> Option<Py<PyAny>> {
+        self.lock().pop_front()
+    }
+}
+
 /// The fork start method: fork this interpreter (see `launch.rs` for why that is safe) and run `bootstrap(number) -> (execute, max_tasks, max_memory)` in the child.
 struct ForkLauncher {
     bootstrap: Mutex<Option<Py<PyAny>>>,

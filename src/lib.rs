@@ -25,6 +25,7 @@ fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
     }
     m.add_class::<bindings::PoolCore>()?;
     m.add_class::<bindings::PyJob>()?;
+    m.add_class::<bindings::ItemQueue>()?;
     m.add_class::<bindings::ThreadCore>()?;
     m.add_class::<board::JobBoard>()?;
     m.add_function(wrap_pyfunction!(bindings::worker_main, m)?)?;

@@ -1,15 +1,23 @@
 # Stubs for rpool's native module (src/lib.rs, src/bindings.rs, src/board.rs).
 # Checked against the built module by `python -m mypy.stubtest rpool._rpool` (tests/test_typing.py).
 
-from collections.abc import Callable, Sequence
-from typing_extensions import Buffer
-from typing import Any, final
+from collections.abc import Callable, Iterable, Sequence
+from typing_extensions import Buffer, disjoint_base
+from typing import Any, Self, final
 
 # `Job.take` kinds: 0 value and 1 raised (pickled bytes), 2 worker lost, 3 terminated,
 # 4 timed out (message str), 5 cancelled (None), 6 value and 7 raised (the objects themselves).
 _Outcome = tuple[int, Any]
 
-__all__ = ["PoolCore", "Job", "ThreadCore", "JobBoard", "worker_main", "forkserver_main", "forward_log", "reset_log_cache", "read_buffer", "holds_large_buffer", "send_memfd"]
+__all__ = ["PoolCore", "Job", "ItemQueue", "ThreadCore", "JobBoard", "worker_main", "forkserver_main", "forward_log", "reset_log_cache", "read_buffer", "holds_large_buffer", "send_memfd"]
+
+@disjoint_base
+class ItemQueue:
+    def __new__(cls, *_args: Any, **_kwargs: Any) -> Self: ...
+    def __next__(self) -> Any: ...
+    def _extend(self, chunk: Iterable[Any]) -> None: ...
+    def _pop(self, default: Any) -> Any: ...
+    def _has_items(self) -> bool: ...
 
 @final
 class Job:

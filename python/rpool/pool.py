@@ -25,7 +25,7 @@ from multiprocessing import TimeoutError
 from multiprocessing import spawn as _spawn
 from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 from . import _aio, _progress, _rpool, _shm
 from ._worker import dumps as _dumps
@@ -284,15 +284,22 @@ class MapResult(ApplyResult[list[T]]):
         return True, list(itertools.chain.from_iterable(values or ()))
 
 
-class IMapIterator(Generic[T]):
-    """The iterator of `imap` (in order) and `imap_unordered` (as tasks finish)."""
+# What `ItemQueue._pop` returns when no item is queued (None may be an item).
+_EMPTY = object()
+
+
+class IMapIterator(_rpool.ItemQueue, Generic[T]):
+    """The iterator of `imap` (in order) and `imap_unordered` (as tasks finish).
+
+    Items of decoded chunks wait in the native `ItemQueue`, whose `__next__` hands them out;
+    `_refill` (under the lock) waits for and decodes the next part when none is left.
+    """
 
     def __init__(self, job: _rpool.Job, ordered: bool, chunked: bool, read_ahead: _ReadAhead | None = None) -> None:
         self._job = job
         self._ordered = ordered
         self._chunked = chunked
         self._next_part = 0
-        self._buffer: collections.deque[T] = collections.deque()
         self._input_error: BaseException | None = None
         self._lock = threading.Lock()
         self._progress: _progress.Tracker | None = None
@@ -302,20 +309,24 @@ class IMapIterator(Generic[T]):
     def __iter__(self) -> Self:
         return self
 
+    if TYPE_CHECKING:  # served by ItemQueue.__next__: a Python one here would replace it
+
+        def __next__(self) -> T: ...
+
     def next(self, timeout: float | None = None) -> T:
-        if self._buffer:
-            # The rest of a chunk already decoded: popleft is atomic, and the buffer is refilled
-            # (under the lock) only once empty, so no lock is needed to keep the order.
-            try:
-                return self._buffer.popleft()
-            except IndexError:
-                pass
+        item = self._pop(_EMPTY)
+        if item is not _EMPTY:
+            return item  # type: ignore[no-any-return]
+        return self._refill(timeout)
+
+    def _refill(self, timeout: float | None = None) -> T:
+        """The next item once the queue is empty: wait for the next part and decode it."""
         with self._lock:
             while True:
-                try:  # another thread may have refilled the buffer, or emptied it
-                    return self._buffer.popleft()
-                except IndexError:
-                    pass
+                # Another thread may have refilled the queue while this one waited for the lock.
+                item = self._pop(_EMPTY)
+                if item is not _EMPTY:
+                    return item  # type: ignore[no-any-return]
                 part = self._wait_next_part(timeout)
                 if part is None:
                     if self._progress is not None:
@@ -329,13 +340,9 @@ class IMapIterator(Generic[T]):
                     self._read_ahead.part_yielded()
                 if not ok:
                     raise value
-                if self._chunked:
-                    self._buffer.extend(value)
-                else:
-                    item: T = value
-                    return item
-
-    __next__ = next
+                if not self._chunked:
+                    return value  # type: ignore[no-any-return]
+                self._extend(value)
 
     def __aiter__(self) -> Self:
         return self
@@ -351,7 +358,7 @@ class IMapIterator(Generic[T]):
                 await _aio.until(self._job, self._has_next)
 
     def _has_next(self) -> bool:
-        if self._buffer:
+        if self._has_items():
             return True
         if self._ordered:
             return self._job.wait_part(self._next_part, 0)
@@ -982,7 +989,10 @@ class Pool:
             result._progress = _progress.Tracker(job, *bar, sizes)
         feeder = threading.Thread(
             target=_feed,
-            args=(self._core, job, result, func, iterable, chunksize, self._pack, sizes, read_ahead, read_aheads),
+            args=(
+                self._core, job, result, func, iterable, chunksize, self._pack, sizes, read_ahead, read_aheads,
+                self._sends_by_name,
+            ),
             name="rpool-feed",
             daemon=True,
         )
@@ -1063,28 +1073,45 @@ def _feed(
     sizes: list[int] | None = None,
     read_ahead: _ReadAhead | None = None,
     read_aheads: set[_ReadAhead] | None = None,
+    by_name: bool = False,
 ) -> None:
     """On an rpool-feed thread: read `imap`'s input and submit it, as the stdlib's task handler,
     no further ahead of the caller than `read_ahead` allows."""
     mapper = mapstar if chunksize != 1 else None
+    pickled = _by_name(func, mapper) if by_name else None
     part = 0
     try:
-        items = _chunks(iterable, chunksize) if mapper else iter(iterable)
+        if not mapper:
+            items = iter(iterable)
+        elif type(iterable) is range:  # its slices are ranges: nothing to build item by item
+            items = (iterable[i : i + chunksize] for i in range(0, len(iterable), chunksize))
+        else:
+            items = _chunks(iterable, chunksize)
         while read_ahead is None or read_ahead.wait_for_room():
             try:
                 item = next(items)
             except StopIteration:
                 break
-            call: tuple[Any, ...] = (mapper, (func, item), {}) if mapper else (func, (item,), {})
             chunk = item if mapper else (item,)
             if sizes is not None:
                 sizes.append(len(chunk))
-            try:
-                payload = pack(call, func, functools.partial(_input_items, chunk, part * chunksize))
-            except Exception as exc:
-                core.fail_part(job, part, _dumps(exc))
+            # The task calls `func(item)`, or `partial(mapstar, func)(chunk)`.
+            body = None
+            if pickled is not None:
+                try:
+                    body = _shm.dumps(((item,), {}))
+                except Exception:
+                    pass  # pickled whole below, to name the item that cannot be
+            if body is not None:
+                core.submit(job, part, body, pickled, True)
             else:
-                core.submit(job, part, payload)
+                call: tuple[Any, ...] = (mapper, (func, item), {}) if mapper else (func, (item,), {})
+                try:
+                    payload = pack(call, func, functools.partial(_input_items, chunk, part * chunksize))
+                except Exception as exc:
+                    core.fail_part(job, part, _dumps(exc))
+                else:
+                    core.submit(job, part, payload)
             part += 1
             if read_ahead is not None:
                 read_ahead.part_submitted()
