@@ -93,6 +93,10 @@ pub fn resident_bytes() -> Option<u64> {
     Some(pages * page.max(1) as u64)
 }
 
+/// How long a worker that ran out of tasks polls for the next one before it sleeps: enough for
+/// a caller's next `apply` (or rpool-io's next batch) to find it awake.
+const NEXT_TASK_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// Callables of earlier tasks sent with `TASK_REUSABLE`, by their pickled bytes: a function
 /// sent by name is looked up (module import, attribute walk) once per worker, not once per task.
 struct Callables<'py> {
@@ -155,7 +159,7 @@ pub fn serve(
     let mut callables = Callables::new(py);
     loop {
         // Block without the GIL so that threads the task code started keep running.
-        match py.detach(|| reader.wait_frame(task_pipe)) {
+        match py.detach(|| reader.wait_frame_spinning(task_pipe, NEXT_TASK_SPIN)) {
             Ok(true) => {}
             Ok(false) | Err(_) => return 0,
         }

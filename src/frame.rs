@@ -5,6 +5,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::time::{Duration, Instant};
 
 pub const HEADER_LEN: usize = 24;
 
@@ -165,6 +166,16 @@ impl FrameReader {
     /// Blocking: make sure a whole frame is buffered (then `next_frame` returns it).
     /// Returns false at a clean EOF between frames.
     pub fn wait_frame(&mut self, fd: BorrowedFd<'_>) -> io::Result<bool> {
+        self.wait_frame_spinning(fd, Duration::ZERO)
+    }
+
+    /// `wait_frame`, first polling for up to `spin` before sleeping: a frame that comes within
+    /// it is read without the wake-up of a sleeping process, which costs more than the whole
+    /// round trip on some machines (a halted virtual CPU).
+    pub fn wait_frame_spinning(&mut self, fd: BorrowedFd<'_>, spin: Duration) -> io::Result<bool> {
+        if !self.peek_complete() && !spin.is_zero() {
+            poll_for(fd.as_raw_fd(), spin);
+        }
         loop {
             if self.peek_complete() {
                 return Ok(true);
@@ -222,6 +233,26 @@ impl FrameReader {
             let grow = self.buf.len();
             self.buf.resize(grow * 2, 0);
         }
+    }
+}
+
+/// Poll `fd` without sleeping until it is readable or `spin` has passed, letting other threads
+/// of this CPU run in between. Returns whether it became readable.
+pub fn poll_for(fd: RawFd, spin: Duration) -> bool {
+    let until = Instant::now() + spin;
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        if unsafe { libc::poll(&mut pfd, 1, 0) } != 0 {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::yield_now();
     }
 }
 
