@@ -109,6 +109,11 @@ def _become_worker(setup: dict[str, Any], number: int, forked: bool) -> Booted:
         util._finalizer_registry.clear()
         util._run_after_forkers()
     process._children = set()  # type: ignore[attr-defined]
+    # As the stdlib's Process._bootstrap: a worker's start method is its pool's, whatever the
+    # parent's default (which spawn's preparation data carries) is.
+    import multiprocessing
+
+    multiprocessing.set_start_method(setup["start_method"], force=True)
     me = process.current_process()
     me.name = f"{setup['name_prefix']}PoolWorker-{number}"
     me._identity = (number,)

@@ -643,6 +643,7 @@ class Pool:
             "maxtasks": maxtasksperchild,
             "max_memory": max_memory_per_child,
             "name_prefix": _NAME_PREFIX[method],
+            "start_method": method,
             # Workers send records at or above the parent's root level at this moment.
             "forward_logs": logging.getLogger().getEffectiveLevel() if forward_logs else None,
             "serializer": serializer,
