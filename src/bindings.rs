@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -587,18 +588,35 @@ pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
 }
 
 static LOG_CACHE: std::sync::OnceLock<pyo3_log::ResetHandle> = std::sync::OnceLock::new();
+static LOGGER_TRIED: AtomicBool = AtomicBool::new(false);
 
-pub(crate) fn keep_log_cache_handle(handle: pyo3_log::ResetHandle) {
-    let _ = LOG_CACHE.set(handle);
+/// Send the core's `log` records to Python's logging, under the logger name "rpool". Levels are
+/// cached (a disabled record costs no GIL); each new pool clears the cache (`reset_log_cache`).
+/// Done by the first core made, not when the module is imported: exec'd workers and the fork
+/// server import it too, never log through it, and `import logging` is a good part of their
+/// start-up.
+pub(crate) fn install_logger(py: Python<'_>) -> PyResult<()> {
+    if LOGGER_TRIED.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::LoggersAndLevels)?;
+    // Fails only if some logger is installed already (another thread's, or the embedder's).
+    if let Ok(handle) = logger.filter(log::LevelFilter::Trace).install() {
+        let _ = LOG_CACHE.set(handle);
+    }
+    LOGGER_TRIED.store(true, Ordering::Release);
+    Ok(())
 }
 
 /// Forget the logging levels cached for the core's records, so that a level set since (say
 /// `logging.getLogger("rpool").setLevel(logging.DEBUG)`) applies. `Pool()` calls it.
 #[pyfunction]
-pub fn reset_log_cache() {
+pub fn reset_log_cache(py: Python<'_>) -> PyResult<()> {
+    install_logger(py)?;
     if let Some(handle) = LOG_CACHE.get() {
         handle.reset();
     }
+    Ok(())
 }
 
 /// In a worker: send `record` (a pickled log record) to the pool's `log_sink`, ahead of the
@@ -727,6 +745,7 @@ impl PoolCore {
         exec_preamble: Option<Vec<Vec<u8>>>,
         log_sink: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
+        install_logger(py)?;
         let launcher: Arc<dyn Launch> = match (fork_bootstrap, exec_argv) {
             (Some(b), None) => Arc::new(ForkLauncher {
                 bootstrap: Mutex::new(Some(b)),
@@ -913,7 +932,8 @@ impl ThreadCore {
     /// `threads`: how many pool threads will call `next_task` (each calls `thread_exited` at
     /// the end); `deliver(job_ids)` runs callbacks, as for `PoolCore`.
     #[new]
-    fn new(threads: usize, deliver: Py<PyAny>) -> PyResult<Self> {
+    fn new(py: Python<'_>, threads: usize, deliver: Py<PyAny>) -> PyResult<Self> {
+        install_logger(py)?;
         let (core, rx) = threads::ThreadCore::new(threads);
         Ok(ThreadCore {
             core: Arc::new(core),

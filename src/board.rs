@@ -36,7 +36,8 @@ impl JobBoard {
 impl JobBoard {
     /// `deliver(job_ids)` runs on the board's rpool-callbacks thread, as `PoolCore`'s does.
     #[new]
-    fn new(deliver: Py<PyAny>) -> PyResult<Self> {
+    fn new(py: Python<'_>, deliver: Py<PyAny>) -> PyResult<Self> {
+        crate::bindings::install_logger(py)?;
         let (tx, rx) = unbounded();
         let handle = spawn_callbacks_thread(rx, deliver)?;
         Ok(JobBoard {

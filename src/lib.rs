@@ -15,14 +15,6 @@ use pyo3::prelude::*;
 
 #[pymodule]
 fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // The core's `log` records go to Python's logging, under the logger name "rpool". Levels are
-    // cached (a disabled record costs no GIL); each new pool clears the cache (`reset_log_cache`).
-    let installed = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
-        .filter(log::LevelFilter::Trace)
-        .install();
-    if let Ok(handle) = installed {
-        bindings::keep_log_cache_handle(handle);
-    }
     m.add_class::<bindings::PoolCore>()?;
     m.add_class::<bindings::PyJob>()?;
     m.add_class::<bindings::ItemQueue>()?;

@@ -286,3 +286,17 @@ def grow_and_getpid(nbytes):
 
 def exiting_initializer():
     os._exit(3)
+
+
+def write_pid_at_exit(path):
+    """Register a multiprocessing finalizer that writes this worker's pid to `path` when the
+    worker exits the stdlib's way (`util._exit_function`); return the pid."""
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(None, _write_pid, args=(path,), exitpriority=10)
+    return os.getpid()
+
+
+def _write_pid(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))

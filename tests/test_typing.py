@@ -16,7 +16,9 @@ PACKAGE = Path(__import__("rpool").__file__).resolve().parent
 
 # rpool.distributed (Dask has no complete annotations) and the demo command are not held to
 # --strict; everything `import rpool` gives is.
-STRICT_MODULES = ["__init__.py", "pool.py", "threadpool.py", "executor.py", "_aio.py", "_progress.py", "_worker.py", "joblib.py"]
+STRICT_MODULES = [
+    "__init__.py", "pool.py", "threadpool.py", "executor.py", "_aio.py", "_progress.py", "_worker.py", "_logfwd.py", "joblib.py"
+]
 
 
 def _module_name(filename):

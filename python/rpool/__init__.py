@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import multiprocessing as _mp
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
 from multiprocessing import TimeoutError
 
-from .pool import (
-    ApplyResult,
-    AsyncResult,
-    IMapIterator,
-    MapResult,
-    Pool,
-    PoolTerminatedError,
-    TaskTimeoutError,
-    RemoteError,
-    UnpicklableTaskError,
-    WorkerLostError,
-)
+# `import rpool` stays light: every exec'd worker and the fork server import this package first,
+# and need none of the pool's modules (typing, the pool's stdlib imports). The public names
+# below are imported on first use by `__getattr__`; mypy sees them through these imports.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import Any
+
+    from .executor import ProcessPoolExecutor
+    from .pool import (
+        ApplyResult,
+        AsyncResult,
+        IMapIterator,
+        MapResult,
+        Pool,
+        PoolTerminatedError,
+        RemoteError,
+        TaskTimeoutError,
+        UnpicklableTaskError,
+        WorkerLostError,
+    )
+    from .threadpool import ThreadPool
 
 __all__ = [
     "Pool",
@@ -59,6 +67,8 @@ class Context:
         **options: Any,
     ) -> Pool:
         """`rpool.Pool` with this start method; `options` are rpool's own keywords."""
+        from .pool import Pool
+
         return Pool(processes, initializer, initargs, maxtasksperchild, context=self, **options)
 
     def __repr__(self) -> str:
@@ -74,13 +84,30 @@ def get_context(method: str | None = None) -> Context:
     return Context(method)
 
 
-# Imported on first use, to keep `import rpool` (and so every pool's start-up) quick: the
-# executor pulls in concurrent.futures.
-_LAZY = {"ProcessPoolExecutor": ".executor", "ThreadPool": ".threadpool"}
+# Where each lazily imported public name lives (the executor also pulls in concurrent.futures).
+_LAZY = {
+    "ProcessPoolExecutor": ".executor",
+    "ThreadPool": ".threadpool",
+    **dict.fromkeys(
+        [
+            "Pool",
+            "AsyncResult",
+            "ApplyResult",
+            "MapResult",
+            "IMapIterator",
+            "WorkerLostError",
+            "PoolTerminatedError",
+            "TaskTimeoutError",
+            "UnpicklableTaskError",
+            "RemoteError",
+        ],
+        ".pool",
+    ),
+}
 
-if TYPE_CHECKING:
-    from .executor import ProcessPoolExecutor
-    from .threadpool import ThreadPool
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def __getattr__(name: str) -> Any:

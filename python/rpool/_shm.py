@@ -16,16 +16,23 @@ Who owns the memfd, so that nothing outlives the processes that use it (a memfd 
 Small tasks never get here: a cheap look at the top of the object decides.
 """
 
+from __future__ import annotations
+
+import functools
 import io
 import os
 import pickle
 import struct
 import threading
-from collections.abc import Callable
-from multiprocessing.reduction import ForkingPickler
-from typing import Any
 
 from . import _rpool
+
+# Workers import this module at start-up: multiprocessing.reduction's ForkingPickler (socket,
+# array, ...) is imported only when something plain pickle refuses or a large buffer comes.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 # Buffers this big (bytes) leave the pickle stream; a memfd costs a few system calls. The
 # environment variable lets a setup where /proc/<pid>/fd cannot be opened turn it off.
@@ -52,24 +59,31 @@ class SharedPayload(bytes):
             os.close(fd)
 
 
-class _SharingPickler(ForkingPickler):
-    """Leaves large bytes and bytearrays out of the stream (as persistent ids, since pickle's
-    fast path for exact `bytes` never asks a reducer) and collects out-of-band buffers."""
+@functools.cache
+def _sharing_pickler():
+    """The pickler class for large payloads, defined on first use (it is a ForkingPickler)."""
+    from multiprocessing.reduction import ForkingPickler
 
-    def __init__(self, file, buffers):
-        super().__init__(file, 5, True, _collector(buffers))  # ForkingPickler takes no keywords
-        self.objects = []
-        self._ids = {}
+    class _SharingPickler(ForkingPickler):
+        """Leaves large bytes and bytearrays out of the stream (as persistent ids, since pickle's
+        fast path for exact `bytes` never asks a reducer) and collects out-of-band buffers."""
 
-    def persistent_id(self, obj):
-        kind = type(obj)
-        if (kind is bytes or kind is bytearray) and len(obj) >= MIN_SHARED:
-            index = self._ids.get(id(obj))
-            if index is None:
-                index = self._ids[id(obj)] = len(self.objects)
-                self.objects.append(obj)
-            return index
-        return None
+        def __init__(self, file, buffers):
+            super().__init__(file, 5, True, _collector(buffers))  # ForkingPickler takes no keywords
+            self.objects = []
+            self._ids = {}
+
+        def persistent_id(self, obj):
+            kind = type(obj)
+            if (kind is bytes or kind is bytearray) and len(obj) >= MIN_SHARED:
+                index = self._ids.get(id(obj))
+                if index is None:
+                    index = self._ids[id(obj)] = len(self.objects)
+                    self.objects.append(obj)
+                return index
+            return None
+
+    return _SharingPickler
 
 
 def _collector(buffers):
@@ -121,6 +135,8 @@ def dumps_result(
 
 
 def _forking_dumps(obj):
+    from multiprocessing.reduction import ForkingPickler
+
     out = io.BytesIO()
     ForkingPickler(out, 5).dump(obj)
     return out.getvalue()
@@ -131,7 +147,7 @@ def _dump_shared(obj, sent):
         return _in_band(obj)
     buffers = []
     out = io.BytesIO()
-    pickler = _SharingPickler(out, buffers)
+    pickler = _sharing_pickler()(out, buffers)
     pickler.dump(obj)
     if not (pickler.objects or buffers):
         return out.getvalue()

@@ -6,24 +6,25 @@ The loop itself (read a task frame, call `execute`, write the result frame) is i
 
 from __future__ import annotations
 
-import functools
-import io
 import itertools
-import logging
 import os
 import pickle
 import signal
 import sys
-from collections.abc import Callable
-from multiprocessing import process, spawn, util
-from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError  # type: ignore[attr-defined]
-from multiprocessing.reduction import ForkingPickler
-from typing import Any
-
-# What a worker's bootstrap returns: `(execute, maxtasksperchild, max_memory_per_child)`.
-Booted = tuple[Callable[..., tuple[bool, bytes]], int | None, int | None]
+from multiprocessing import process
 
 from . import _shm
+
+# Everything else is imported where it is used: an exec'd worker and the fork server import
+# this module first thing, and each module here adds to every worker's start-up. The process
+# name, authkey and `_inheriting` live in `multiprocessing.process`, which is needed anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    # What a worker's bootstrap returns: `(execute, maxtasksperchild, max_memory_per_child)`.
+    Booted = tuple[Callable[..., tuple[bool, bytes]], int | None, int | None]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -37,6 +38,9 @@ def dumps(obj: object) -> bytes:
     try:
         return pickle.dumps(obj, _PROTOCOL)
     except Exception:
+        import io
+        from multiprocessing.reduction import ForkingPickler
+
         buf = io.BytesIO()
         ForkingPickler(buf, _PROTOCOL).dump(obj)
         return buf.getvalue()
@@ -70,6 +74,8 @@ def starmapstar(func: Callable[..., Any], chunk: Any) -> list[Any]:
 
 def dump_exception(exc: BaseException, dumps: Callable[[object], bytes] = dumps) -> bytes:
     """Pickle a task's exception with its traceback text (it becomes a RemoteTraceback cause)."""
+    from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError  # type: ignore[attr-defined]
+
     try:
         return dumps(ExceptionWithTraceback(exc, exc.__traceback__))
     except Exception as err:
@@ -103,73 +109,24 @@ def execute(
     try:
         return True, dumps(result)
     except Exception as exc:
+        from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
+
         return False, dumps(MaybeEncodingError(exc, result))
 
 
-def record_payload(record: logging.LogRecord) -> bytes:
-    """Pickle a LogRecord's attributes for the parent: the message rendered (its arguments may
-    not pickle, or mean nothing there), the traceback as text, extras that cannot be pickled as
-    their repr."""
-    attrs = dict(record.__dict__)
-    attrs["msg"] = record.getMessage()
-    attrs["args"] = None
-    if record.exc_info:
-        attrs["exc_text"] = record.exc_text or logging.Formatter().formatException(record.exc_info)
-    attrs["exc_info"] = None
-    attrs.pop("message", None)
-    try:
-        return pickle.dumps(attrs, _PROTOCOL)
-    except Exception:
-        for key, value in attrs.items():
-            try:
-                pickle.dumps(value, _PROTOCOL)
-            except Exception:
-                attrs[key] = repr(value)
-        return pickle.dumps(attrs, _PROTOCOL)
-
-
-class ForwardingHandler(logging.Handler):
-    """In a worker of `Pool(forward_logs=True)`: send each record to the parent's `logging`."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # The same record may reach this handler on several loggers of its chain: send it once.
-        if getattr(record, "_rpool_forwarded", False):
-            return
-        record._rpool_forwarded = True
-        try:
-            from rpool import _rpool
-
-            _rpool.forward_log(record_payload(record))
-        except Exception:
-            self.handleError(record)
-
-
-def forward_logs(level: int) -> None:
-    """Send this worker's log records to the parent, which handles them with its own handlers.
-
-    Handlers inherited from a forked parent would print each record a second time, so every
-    logger that has handlers gets the forwarding handler instead; the root logger always does,
-    with the parent's root level.
-    """
-    handler = ForwardingHandler()
-    root = logging.getLogger()
-    loggers: list[logging.Logger] = [root] + [
-        logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)
-    ]
-    for logger in loggers:
-        if logger.handlers or logger is root:
-            for old in list(logger.handlers):
-                logger.removeHandler(old)
-            logger.addHandler(handler)
-    root.setLevel(level)
-
-
 def _become_worker(setup: dict[str, Any], number: int, forked: bool) -> Booted:
-    if forked:
-        # What the stdlib's Process._bootstrap does in a forked child.
-        util._finalizer_registry.clear()  # type: ignore[attr-defined]
-        util._run_after_forkers()  # type: ignore[attr-defined]
+    util = sys.modules.get("multiprocessing.util")
+    if forked and util is not None:
+        # What the stdlib's Process._bootstrap does in a forked child (if the parent never
+        # imported multiprocessing.util, it registered neither finalizers nor after-forkers).
+        util._finalizer_registry.clear()
+        util._run_after_forkers()
     process._children = set()  # type: ignore[attr-defined]
+    # As the stdlib's Process._bootstrap: a worker's start method is its pool's, whatever the
+    # parent's default (which spawn's preparation data carries) is.
+    import multiprocessing
+
+    multiprocessing.set_start_method(setup["start_method"], force=True)
     me = process.current_process()
     me.name = f"{setup['name_prefix']}PoolWorker-{number}"
     me._identity = (number,)
@@ -183,11 +140,15 @@ def _become_worker(setup: dict[str, Any], number: int, forked: bool) -> Booted:
     # tracebacks (the parent terminates them).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if setup.get("forward_logs") is not None:
+        from ._logfwd import forward_logs
+
         forward_logs(setup["forward_logs"])
     initializer = setup["initializer"]
     if initializer is not None:
         initializer(*setup["initargs"])
     if setup.get("serializer") == "cloudpickle":
+        import functools
+
         return functools.partial(execute, dumps=result_dumps), setup["maxtasks"], setup.get("max_memory")
     return execute, setup["maxtasks"], setup.get("max_memory")
 
@@ -205,9 +166,50 @@ def prepare(data: bytes) -> None:
     # RuntimeError instead of starting workers of its own.
     me._inheriting = True  # type: ignore[attr-defined]
     try:
-        spawn.prepare(pickle.loads(data))
+        _prepare(pickle.loads(data))
     finally:
         me._inheriting = False  # type: ignore[attr-defined]
+
+
+def _prepare(data: dict[str, Any]) -> None:
+    """What `multiprocessing.spawn.prepare` (CPython 3.11) does with the keys of
+    `spawn.get_preparation_data`, in its order, without importing multiprocessing.spawn and
+    multiprocessing.util (and with them subprocess) unless a key needs them."""
+    me = process.current_process()
+    if "name" in data:
+        me.name = data["name"]
+    if "authkey" in data:
+        me.authkey = data["authkey"]
+    if data.get("log_to_stderr"):
+        from multiprocessing import util
+
+        util.log_to_stderr()
+    if "log_level" in data:
+        from multiprocessing import util
+
+        util.get_logger().setLevel(data["log_level"])
+    if "sys_path" in data:
+        sys.path = data["sys_path"]
+    if "sys_argv" in data:
+        sys.argv = data["sys_argv"]
+    if "dir" in data:
+        os.chdir(data["dir"])
+    if "orig_dir" in data:
+        process.ORIGINAL_DIR = data["orig_dir"]  # type: ignore[attr-defined]
+    if "start_method" in data:
+        # Costs nothing: the package is imported with multiprocessing.process.
+        import multiprocessing
+
+        multiprocessing.set_start_method(data["start_method"], force=True)
+    # Re-running the parent's main module is the stdlib's own code: it is the costly step anyway.
+    if "init_main_from_name" in data:
+        from multiprocessing import spawn
+
+        spawn._fixup_main_from_name(data["init_main_from_name"])  # type: ignore[attr-defined]
+    elif "init_main_from_path" in data:
+        from multiprocessing import spawn
+
+        spawn._fixup_main_from_path(data["init_main_from_path"])  # type: ignore[attr-defined]
 
 
 def load_setup(data: bytes) -> dict[str, Any]:
@@ -221,8 +223,11 @@ def bootstrap_spawned(setup: bytes, number: int) -> Booted:
 
 def exit_worker() -> None:
     """The stdlib's exit steps for a child: finalizers, non-daemon threads, flushed streams."""
+    # Finalizers (and children to reap) exist only if something imported multiprocessing.util.
+    util = sys.modules.get("multiprocessing.util")
     try:
-        util._exit_function()  # type: ignore[attr-defined]
+        if util is not None:
+            util._exit_function()
     finally:
         try:
             import threading
@@ -230,7 +235,16 @@ def exit_worker() -> None:
             threading._shutdown()  # type: ignore[attr-defined]
         except Exception:
             pass
-        util._flush_std_streams()  # type: ignore[attr-defined]
+        _flush_std_streams()
+
+
+def _flush_std_streams() -> None:
+    # As multiprocessing.util._flush_std_streams.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError):
+            pass
 
 
 def forkserver_main() -> None:

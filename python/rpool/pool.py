@@ -21,15 +21,19 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence, Sized
-from multiprocessing import TimeoutError
-from multiprocessing import spawn as _spawn
-from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
+from multiprocessing import TimeoutError, process
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
-from . import _aio, _progress, _rpool, _shm
+from . import _rpool, _shm
 from ._worker import dumps as _dumps
 from ._worker import bootstrap_forked, cloud_dumps, mapstar, starmapstar
+
+# Imported where used, to keep a pool's start-up short: asyncio support, progress bars, and
+# multiprocessing.spawn (which brings multiprocessing.util and subprocess), needed only to
+# start exec'd workers.
+if TYPE_CHECKING:
+    from . import _progress
 
 __all__ = [
     "Pool",
@@ -188,6 +192,8 @@ class ApplyResult(Generic[T]):
 
     def __await__(self) -> Generator[Any, None, T]:
         """`await result`: the value (or the exception), without blocking the event loop."""
+        from . import _aio
+
         yield from _aio.until(self._job, self._job.ready).__await__()
         return self.get()
 
@@ -355,6 +361,8 @@ class IMapIterator(_rpool.ItemQueue, Generic[T]):
             except StopIteration:
                 raise StopAsyncIteration from None
             except TimeoutError:
+                from . import _aio
+
                 await _aio.until(self._job, self._has_next)
 
     def _has_next(self) -> bool:
@@ -533,6 +541,25 @@ def _bar_label(func: object) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def _open_bar(
+    progress: _progress.Progress, total: int | None, func: object
+) -> tuple[_progress.ProgressBar, bool] | None:
+    """`_progress.open_bar`, which is imported only for a bar."""
+    if progress is None or progress is False:
+        return None
+    from . import _progress
+
+    return _progress.open_bar(progress, total, _bar_label(func))
+
+
+def _tracker(
+    job: _rpool.Job, bar: tuple[_progress.ProgressBar, bool], sizes: Sequence[int] | None
+) -> _progress.Tracker:
+    from . import _progress
+
+    return _progress.Tracker(job, *bar, sizes)
+
+
 # Names an object in an error message without printing all of a huge one.
 _short_repr = reprlib.Repr()
 _short_repr.maxother = _short_repr.maxstring = 120
@@ -672,7 +699,10 @@ class Pool:
                 raise ValueError("max_memory_per_child must be a positive number of bytes or None")
         # A spawned worker re-importing a script without a main guard must not start pools of
         # its own, even "fork" ones (the stdlib refuses those too: its workers are daemonic).
-        _spawn._check_not_importing_main()  # type: ignore[attr-defined]  # private, not in typeshed
+        if getattr(process.current_process(), "_inheriting", False):
+            from multiprocessing import spawn
+
+            spawn._check_not_importing_main()  # type: ignore[attr-defined]  # raises the stdlib's error
         method = _start_method(context)
         if method not in _NAME_PREFIX:
             raise ValueError(f"cannot find context for {method!r}")
@@ -684,6 +714,7 @@ class Pool:
             "maxtasks": maxtasksperchild,
             "max_memory": max_memory_per_child,
             "name_prefix": _NAME_PREFIX[method],
+            "start_method": method,
             # Workers send records at or above the parent's root level at this moment.
             "forward_logs": logging.getLogger().getEffectiveLevel() if forward_logs else None,
             "serializer": serializer,
@@ -696,7 +727,9 @@ class Pool:
                 processes, method, maxtasksperchild, deliver, fork_bootstrap=bootstrap, log_sink=log_sink
             )
         else:
-            prep = _spawn.get_preparation_data(f"{_NAME_PREFIX[method]}PoolWorker")
+            from multiprocessing import spawn
+
+            prep = spawn.get_preparation_data(f"{_NAME_PREFIX[method]}PoolWorker")
             # The stdlib refuses to pickle an AuthenticationString outside its own spawning.
             prep["authkey"] = bytes(prep["authkey"])
             preamble = [pickle.dumps(prep, pickle.HIGHEST_PROTOCOL), dumps(setup)]
@@ -863,11 +896,11 @@ class Pool:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         chunks = _slices(iterable, max(chunksize, 1))  # type: ignore[arg-type]
         has_callbacks = callback is not None or error_callback is not None
-        bar = _progress.open_bar(progress, len(iterable), _bar_label(func))  # type: ignore[arg-type]
+        bar = _open_bar(progress, len(iterable), func)  # type: ignore[arg-type]
         job = self._core.new_job(len(chunks), has_callbacks, _label(func), limit)
         result: MapResult[Any] = MapResult(job, len(chunks), callback, error_callback)
         if bar is not None:
-            result._progress = _progress.Tracker(job, *bar, [len(chunk) for _, chunk in chunks])
+            result._progress = _tracker(job, bar, [len(chunk) for _, chunk in chunks])
         if not chunks:
             # As the stdlib: an empty map is ready at once, and its callback is not called.
             job.mark_ready()
@@ -976,7 +1009,7 @@ class Pool:
     ) -> IMapIterator[Any]:
         # The bar first: if it cannot be made, no open job is left for close() to wait on.
         total = len(iterable) if isinstance(iterable, Sized) else None
-        bar = _progress.open_bar(progress, total, _bar_label(func))
+        bar = _open_bar(progress, total, func)
         job = self._core.new_job(None, False, _label(func), self._time_limit(timeout))
         read_ahead = _ReadAhead(buffersize or _READ_AHEAD_PER_WORKER * self._processes, self)
         read_aheads: set[_ReadAhead] = self.__dict__.setdefault("_read_aheads", set())
@@ -986,7 +1019,7 @@ class Pool:
         sizes: list[int] | None = None
         if bar is not None:
             sizes = [] if chunksize != 1 else None
-            result._progress = _progress.Tracker(job, *bar, sizes)
+            result._progress = _tracker(job, bar, sizes)
         feeder = threading.Thread(
             target=_feed,
             args=(
@@ -1127,9 +1160,10 @@ def _feed(
 
 
 def _exec_command(entry: str) -> list[str]:
+    from multiprocessing import spawn
     from subprocess import _args_from_interpreter_flags  # type: ignore[attr-defined]
 
-    exe = _spawn.get_executable()
+    exe = spawn.get_executable()
     return [os.fsdecode(exe), *_args_from_interpreter_flags(), "-c", f"from rpool._worker import {entry}; {entry}()"]
 
 

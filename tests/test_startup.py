@@ -1,0 +1,195 @@
+"""Start-up cost: `import rpool` and the bootstrap of exec'd workers (spawn, and the fork server)
+import only what they use, and the light bootstrap still prepares a worker as the stdlib's spawn
+does: argv, cwd and the original directory, start method, multiprocessing's log settings, the
+main module run as `python -m`, finalizers run at exit.
+
+Import checks run in fresh interpreters: the test process has imported everything already.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import tasks
+from conftest import IMPORT_LINES
+
+# Imported by `import rpool` only on first use of a public name (or never, for asyncio and
+# concurrent.futures unless asked for).
+NOT_ON_IMPORT = (
+    "rpool.pool",
+    "rpool._rpool",
+    "rpool._shm",
+    "multiprocessing.pool",
+    "multiprocessing.connection",
+    "multiprocessing.spawn",
+    "multiprocessing.util",
+    "logging",
+    "typing",
+    "subprocess",
+    "tempfile",
+    "asyncio",
+    "concurrent.futures",
+)
+
+# What an exec'd worker running a plain task has no use for (the parent is a `-c` script: no
+# main module to re-run, no multiprocessing log settings).
+NOT_IN_EXEC_WORKER = (
+    "rpool.pool",
+    "multiprocessing.pool",
+    "multiprocessing.connection",
+    "multiprocessing.spawn",
+    "multiprocessing.util",
+    "logging",
+    "typing",
+    "subprocess",
+    "tempfile",
+    "asyncio",
+    "concurrent.futures",
+)
+
+
+def _run_python(args, env, cwd=None, timeout=60):
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_import_rpool_imports_no_pool_machinery(script_env):
+    code = f"import json, sys, rpool; print(json.dumps(sorted(m for m in {NOT_ON_IMPORT!r} if m in sys.modules)))"
+    assert _run_python(["-c", code], script_env) == []
+
+
+def test_public_names_load_on_first_use(script_env):
+    code = textwrap.dedent(
+        """
+        import json, multiprocessing, sys
+        import rpool
+        listed = set(rpool.__all__) <= set(dir(rpool))
+        from rpool import Pool, TimeoutError, get_context, cpu_count
+        import rpool.pool
+        out = {
+            "listed": listed,
+            "all": sorted(n for n in rpool.__all__ if getattr(rpool, n, None) is None),
+            "pool": Pool is rpool.pool.Pool and rpool.WorkerLostError is rpool.pool.WorkerLostError,
+            "timeout": TimeoutError is multiprocessing.TimeoutError,
+            "cpu_count": cpu_count() == multiprocessing.cpu_count(),
+            "context": type(get_context("spawn").Pool).__name__,
+        }
+        try:
+            rpool.no_such_name
+        except AttributeError:
+            out["missing"] = "AttributeError"
+        print(json.dumps(out))
+        """
+    )
+    assert _run_python(["-c", code], script_env) == {
+        "listed": True,
+        "all": [],
+        "pool": True,
+        "timeout": True,
+        "cpu_count": True,
+        "context": "method",
+        "missing": "AttributeError",
+    }
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+@pytest.mark.parametrize("forward_logs", [False, True], ids=["plain", "forward_logs"])
+def test_exec_worker_imports_only_what_it_uses(method, forward_logs, script_env):
+    # `eval` is a builtin: the task itself imports nothing.
+    probe = f"sorted(m for m in {NOT_IN_EXEC_WORKER!r} if m in __import__('sys').modules)"
+    code = textwrap.dedent(
+        f"""
+        import json, rpool
+        with rpool.get_context({method!r}).Pool(1, forward_logs={forward_logs!r}) as pool:
+            print(json.dumps(pool.apply(eval, ({probe!r},))))
+        """
+    )
+    # Forwarding logs needs logging in the worker: the probe sees it when it is there.
+    assert _run_python(["-c", code], script_env) == (["logging"] if forward_logs else [])
+
+
+@pytest.mark.parametrize("impl", ["stdlib", "rpool"])
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_worker_prepared_as_by_spawn(impl, method, tmp_path, script_env):
+    """argv, cwd, the original directory and multiprocessing's log settings reach the worker
+    (spawn.prepare's keys; a forked one inherits them), its start method is its pool's, and the
+    script's own functions run there."""
+    later = tmp_path / "later"
+    later.mkdir()
+    script = tmp_path / "script.py"
+    script.write_text(
+        IMPORT_LINES[impl]
+        + "\n"
+        + textwrap.dedent(
+            f"""
+            import json, multiprocessing, os, sys
+            import multiprocessing.util as util
+
+            def report(_):
+                import multiprocessing.process
+                return {{
+                    "argv": sys.argv[1:],
+                    "cwd": os.getcwd(),
+                    "orig_dir": multiprocessing.process.ORIGINAL_DIR,
+                    "method": multiprocessing.get_start_method(allow_none=True),
+                    "log_to_stderr": util._log_to_stderr,
+                    "log_level": util._logger.level if util._logger is not None else None,
+                }}
+
+            if __name__ == "__main__":
+                util.log_to_stderr(45)  # above ERROR: multiprocessing's own records stay quiet
+                os.chdir({str(later)!r})
+                with M.get_context({method!r}).Pool(1) as pool:
+                    print(json.dumps(pool.apply(report, (0,))))
+            """
+        )
+    )
+    got = _run_python([str(script), "alpha", "beta"], script_env, cwd=str(tmp_path))
+    assert got == {
+        "argv": ["alpha", "beta"],
+        "cwd": str(later),
+        "orig_dir": str(tmp_path),
+        "method": method,
+        "log_to_stderr": True,
+        "log_level": 45,
+    }
+
+
+@pytest.mark.parametrize("impl", ["stdlib", "rpool"])
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_main_module_run_with_dash_m(impl, method, tmp_path, script_env):
+    """`python -m module`: workers re-import the module by name and can run its functions."""
+    (tmp_path / "startup_main_mod.py").write_text(
+        IMPORT_LINES[impl]
+        + "\n"
+        + textwrap.dedent(
+            f"""
+            import json
+
+            def triple(x):
+                return 3 * x
+
+            if __name__ == "__main__":
+                with M.get_context({method!r}).Pool(2) as pool:
+                    print(json.dumps(pool.map(triple, range(4))))
+            """
+        )
+    )
+    env = dict(script_env, PYTHONPATH=os.pathsep.join([str(tmp_path), script_env["PYTHONPATH"]]))
+    assert _run_python(["-m", "startup_main_mod"], env, cwd=str(tmp_path)) == [0, 3, 6, 9]
+
+
+def test_finalizers_registered_by_a_task_run_at_worker_exit(make_pool, tmp_path):
+    path = tmp_path / "finalized"
+    pool = make_pool(1)
+    pid = pool.apply(tasks.write_pid_at_exit, (str(path),))
+    pool.close()
+    pool.join()
+    assert path.read_text() == str(pid)
