@@ -55,9 +55,10 @@ fn wait_interruptibly(
     }
 }
 
-/// How long a caller polls for a result before it sleeps (with the GIL released): a result due
+/// How long `get()` polls for a result before it sleeps (with the GIL released): a result due
 /// within it arrives without the wake-up of a sleeping thread, which costs tens of
-/// microseconds where an idle virtual CPU halts.
+/// microseconds where an idle virtual CPU halts. imap's waits do not poll: there the CPU is
+/// better left to the workers.
 const RESULT_SPIN: Duration = Duration::from_micros(50);
 
 /// Poll `done` for up to RESULT_SPIN (less if `timeout` is shorter), yielding between looks.
@@ -169,11 +170,6 @@ impl PyJob {
     #[pyo3(signature = (part, timeout=None))]
     fn wait_part(&self, py: Python<'_>, part: usize, timeout: Option<f64>) -> PyResult<bool> {
         let job = &self.inner;
-        if spin_until(py, timeout, || {
-            job.view(|v| v.part_done(part) || v.beyond(part))
-        }) {
-            return Ok(true);
-        }
         wait_interruptibly(py, timeout, |slice| {
             job.wait_for(slice, |v| v.part_done(part) || v.beyond(part))
         })
@@ -192,11 +188,6 @@ impl PyJob {
     #[pyo3(signature = (timeout=None))]
     fn wait_any(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let job = &self.inner;
-        if spin_until(py, timeout, || {
-            job.view(|v| v.any_unpopped() || v.exhausted())
-        }) {
-            return Ok(true);
-        }
         wait_interruptibly(py, timeout, |slice| {
             job.wait_for(slice, |v| v.any_unpopped() || v.exhausted())
         })

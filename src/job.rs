@@ -318,11 +318,6 @@ impl Job {
         wait_until(self.lock(), &self.changed, timeout, |p| pred(&JobView(p))).1
     }
 
-    /// `f` of the job's state, read under its lock.
-    pub fn view<R>(&self, f: impl FnOnce(&JobView) -> R) -> R {
-        f(&JobView(&self.lock()))
-    }
-
     /// The parts that finished after the first `start` ones, in finishing order.
     pub fn finished_since(&self, start: usize) -> Vec<usize> {
         self.lock()
