@@ -503,6 +503,8 @@ def _label(func: object) -> str:
 # made once per function (and per map helper), sent apart from the arguments, and workers keep
 # what they unpickled (TASK_REUSABLE) instead of importing and looking it up for every task.
 _by_name_pickles: dict[Any, bytes] = {}
+# Their `_label`s, for `apply_async`.
+_labels: dict[Any, str] = {}
 _BY_NAME_MAX = 1024
 
 
@@ -791,8 +793,9 @@ class Pool:
         timeout: float | None = None,
     ) -> ApplyResult[T]:
         """Start `func(*args, **kwds)` in a worker; returns an `AsyncResult`."""
-        self._check_running()
-        limit = self._time_limit(timeout)
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+        limit = self._task_timeout if timeout is None else _check_seconds(timeout, "timeout")
         pickled = _by_name(func) if self._sends_by_name else None
         payload = None
         if pickled is not None:
@@ -808,7 +811,14 @@ class Pool:
                 + [(f"keyword argument {k!r}", v) for k, v in kwds.items()],
             )
         has_callbacks = callback is not None or error_callback is not None
-        job = self._core.new_job(1, has_callbacks, _label(func), limit)
+        label = _labels.get(func) if pickled is not None else None  # by name: hashable
+        if label is None:
+            label = _label(func)
+            if pickled is not None:
+                if len(_labels) >= _BY_NAME_MAX:
+                    _labels.clear()
+                _labels[func] = label
+        job = self._core.new_job(1, has_callbacks, label, limit)
         result: ApplyResult[T] = ApplyResult(job, callback, error_callback)
         if has_callbacks:
             self._cache[job.id] = result
