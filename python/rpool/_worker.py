@@ -72,6 +72,12 @@ def starmapstar(func: Callable[..., Any], chunk: Any) -> list[Any]:
     return list(itertools.starmap(func, chunk))
 
 
+def rangestar(mapper: Callable[[Any, Any], list[Any]], func: Callable[..., Any], start: int, stop: int, step: int) -> list[Any]:
+    """`mapper(func, range(start, stop, step))`: a chunk of a range travels as three ints (a
+    pickled range costs a global lookup each time, more than a small tuple of its items)."""
+    return mapper(func, range(start, stop, step))
+
+
 def dump_exception(exc: BaseException, dumps: Callable[[object], bytes] = dumps) -> bytes:
     """Pickle a task's exception with its traceback text (it becomes a RemoteTraceback cause)."""
     from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError  # type: ignore[attr-defined]

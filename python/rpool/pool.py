@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 from . import _rpool, _shm
 from ._worker import dumps as _dumps
-from ._worker import bootstrap_forked, cloud_dumps, mapstar, starmapstar
+from ._worker import bootstrap_forked, cloud_dumps, mapstar, rangestar, starmapstar
 
 # Imported where used, to keep a pool's start-up short: asyncio support, progress bars, and
 # multiprocessing.spawn (which brings multiprocessing.util and subprocess), needed only to
@@ -508,19 +508,26 @@ _labels: dict[Any, str] = {}
 _BY_NAME_MAX = 1024
 
 
-def _by_name(func: object, mapper: Callable[..., Any] | None = None) -> bytes | None:
-    """The pickle of `func` (or of `partial(mapper, func)`) if `func` is a function that pickles
-    by name, else None: other callables may carry state, which must travel with each task."""
+def _by_name(func: object, mapper: Callable[..., Any] | None = None, ranged: bool = False) -> bytes | None:
+    """The pickle of `func` (or of `partial(mapper, func)`, or with `ranged` of
+    `partial(rangestar, mapper, func)`) if `func` is a function that pickles by name, else
+    None: other callables may carry state, which must travel with each task."""
     kind = type(func)
     if kind is not types.FunctionType and not (
         kind is types.BuiltinFunctionType and isinstance(getattr(func, "__self__", None), types.ModuleType)
     ):
         return None
-    key = func if mapper is None else (mapper, func)
+    key = func if mapper is None else (mapper, func, ranged)
     pickled = _by_name_pickles.get(key)
     if pickled is None:
+        if mapper is None:
+            callable_: Any = func
+        elif ranged:
+            callable_ = functools.partial(rangestar, mapper, func)  # type: ignore[arg-type]
+        else:
+            callable_ = functools.partial(mapper, func)
         try:
-            pickled = pickle.dumps(func if mapper is None else functools.partial(mapper, func), pickle.HIGHEST_PROTOCOL)
+            pickled = pickle.dumps(callable_, pickle.HIGHEST_PROTOCOL)
         except Exception:
             return None  # the whole task is pickled instead, and its error names the culprit
         if len(_by_name_pickles) >= _BY_NAME_MAX:
@@ -529,10 +536,11 @@ def _by_name(func: object, mapper: Callable[..., Any] | None = None) -> bytes | 
     return pickled
 
 
-def _slices(iterable: Sequence[Any], size: int) -> list[tuple[int, Sequence[Any]]]:
-    """`map`'s chunks as `(index of the first item, chunk)`. A range, list or tuple is sliced: a
-    range's slices are ranges, so its items are neither built nor pickled one by one here."""
-    if type(iterable) in (range, list, tuple):
+def _slices(iterable: Sequence[Any], size: int, ranges: bool) -> list[tuple[int, Sequence[Any]]]:
+    """`map`'s chunks as `(index of the first item, chunk)`. A list or tuple is sliced, and so is
+    a range if `ranges` (its slices are ranges: its items are neither built nor pickled one by
+    one here, see `rangestar`)."""
+    if type(iterable) in (list, tuple) or (ranges and type(iterable) is range):
         return [(start, iterable[start : start + size]) for start in range(0, len(iterable), size)]
     return list(_chunks(iterable, size, numbered=True))
 
@@ -904,7 +912,7 @@ class Pool:
                 chunksize += 1
         elif chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
-        chunks = _slices(iterable, max(chunksize, 1))  # type: ignore[arg-type]
+        chunks = _slices(iterable, max(chunksize, 1), self._sends_by_name)  # type: ignore[arg-type]
         has_callbacks = callback is not None or error_callback is not None
         bar = _open_bar(progress, len(iterable), func)  # type: ignore[arg-type]
         job = self._core.new_job(len(chunks), has_callbacks, _label(func), limit)
@@ -926,7 +934,8 @@ class Pool:
         """Pickle and submit a map's chunks in batches that grow from one: the workers start on
         the first chunk while the rest are pickled. A chunk that cannot be pickled fails the job
         (without its callbacks) and raises here, as the stdlib's map does."""
-        pickled = _by_name(func, mapper) if self._sends_by_name else None
+        ranged = bool(chunks) and type(chunks[0][1]) is range
+        pickled = _by_name(func, mapper, ranged) if self._sends_by_name else None
         core = self._core
         batch: list[bytes] = []
         first, size = 0, 1
@@ -949,6 +958,8 @@ class Pool:
         self, pickled: bytes | None, func: Callable[..., Any], mapper: Callable[..., Any], chunk: Any, start: int
     ) -> bytes:
         if pickled is not None:
+            if type(chunk) is range:  # rangestar's arguments
+                return pickle.dumps(((chunk.start, chunk.stop, chunk.step), {}), pickle.HIGHEST_PROTOCOL)
             try:
                 return _shm.dumps(((chunk,), {}))
             except Exception as exc:
@@ -1121,12 +1132,14 @@ def _feed(
     """On an rpool-feed thread: read `imap`'s input and submit it, as the stdlib's task handler,
     no further ahead of the caller than `read_ahead` allows."""
     mapper = mapstar if chunksize != 1 else None
-    pickled = _by_name(func, mapper) if by_name else None
+    ranged = mapper is not None and by_name and type(iterable) is range
+    pickled = _by_name(func, mapper, ranged) if by_name else None
     part = 0
     try:
         if not mapper:
             items = iter(iterable)
-        elif type(iterable) is range:  # its slices are ranges: nothing to build item by item
+        elif isinstance(iterable, range) and ranged and pickled is not None:
+            # Its slices are ranges: nothing to build item by item.
             items = (iterable[i : i + chunksize] for i in range(0, len(iterable), chunksize))
         else:
             items = _chunks(iterable, chunksize)
@@ -1142,7 +1155,7 @@ def _feed(
             body = None
             if pickled is not None:
                 try:
-                    body = _shm.dumps(((item,), {}))
+                    body = _shm.dumps((((item.start, item.stop, item.step) if ranged else (item,)), {}))
                 except Exception:
                     pass  # pickled whole below, to name the item that cannot be
             if body is not None:
