@@ -17,6 +17,7 @@ import os
 import pickle
 import reprlib
 import threading
+import time
 import types
 import warnings
 import weakref
@@ -342,8 +343,11 @@ class IMapIterator(_rpool.ItemQueue, Generic[T]):
                         raise error
                     raise StopIteration
                 ok, value = _decode(self._job, part)
-                if self._read_ahead is not None:
-                    self._read_ahead.part_yielded()
+                if self._read_ahead is not None and self._read_ahead.part_yielded():
+                    # The feeder needs the GIL to read and submit more input; this thread would
+                    # keep it while results are ready (up to the 5 ms switch interval), leaving
+                    # the workers to run dry first. Let it in now.
+                    time.sleep(0)
                 if not ok:
                     raise value
                 if not self._chunked:
@@ -429,10 +433,10 @@ class _ReadAhead:
         """On the feeder, before it reads the next chunk. False once it must stop reading."""
         with self._changed:
             if self._blocked(self.limit - 1):
-                self._feeder_waits = True
                 while self._blocked(self.limit // 2):
-                    # Woken by part_yielded, lift or stop; the timeout notices a pool that was
-                    # dropped without terminate().
+                    # Woken by part_yielded (which clears the flag), lift or stop; the timeout
+                    # notices a pool that was dropped without terminate().
+                    self._feeder_waits = True
                     if not self._changed.wait(1.0):
                         pool = self._pool()
                         if pool is None or pool._state == TERMINATE:
@@ -444,11 +448,15 @@ class _ReadAhead:
         with self._changed:
             self.submitted += 1
 
-    def part_yielded(self) -> None:
+    def part_yielded(self) -> bool:
+        """On the caller, per part yielded. True when that let a waiting feeder go on."""
         with self._changed:
             self.yielded += 1
             if self._feeder_waits and not self._blocked(self.limit // 2):
+                self._feeder_waits = False
                 self._changed.notify()
+                return True
+            return False
 
     def lift(self) -> None:
         with self._changed:
