@@ -36,20 +36,9 @@ NOT_ON_IMPORT = (
 )
 
 # What an exec'd worker running a plain task has no use for (the parent is a `-c` script: no
-# main module to re-run, no multiprocessing log settings).
-NOT_IN_EXEC_WORKER = (
-    "rpool.pool",
-    "multiprocessing.pool",
-    "multiprocessing.connection",
-    "multiprocessing.spawn",
-    "multiprocessing.util",
-    "logging",
-    "typing",
-    "subprocess",
-    "tempfile",
-    "asyncio",
-    "concurrent.futures",
-)
+# main module to re-run, no multiprocessing log settings): the same, but for the native module
+# and rpool._shm, which it runs on.
+NOT_IN_EXEC_WORKER = tuple(m for m in NOT_ON_IMPORT if m not in ("rpool._rpool", "rpool._shm"))
 
 
 def _run_python(args, env, cwd=None, timeout=60):
