@@ -510,24 +510,25 @@ def _label(func: object) -> str:
 # A function pickles by name (its module and qualified name), so its pickle never changes: it is
 # made once per function (and per map helper), sent apart from the arguments, and workers keep
 # what they unpickled (TASK_REUSABLE) instead of importing and looking it up for every task.
-_by_name_pickles: dict[Any, bytes] = {}
-# Their `_label`s, for `apply_async`.
-_labels: dict[Any, str] = {}
+# Each entry also keeps the function's `_label`.
+_by_name_cache: dict[Any, tuple[bytes, str]] = {}
 _BY_NAME_MAX = 1024
 
 
-def _by_name(func: object, mapper: Callable[..., Any] | None = None, ranged: bool = False) -> bytes | None:
+def _by_name(
+    func: object, mapper: Callable[..., Any] | None = None, ranged: bool = False
+) -> tuple[bytes, str] | None:
     """The pickle of `func` (or of `partial(mapper, func)`, or with `ranged` of
-    `partial(rangestar, mapper, func)`) if `func` is a function that pickles by name, else
-    None: other callables may carry state, which must travel with each task."""
+    `partial(rangestar, mapper, func)`) and `func`'s label, if `func` is a function that pickles
+    by name, else None: other callables may carry state, which must travel with each task."""
     kind = type(func)
     if kind is not types.FunctionType and not (
         kind is types.BuiltinFunctionType and isinstance(getattr(func, "__self__", None), types.ModuleType)
     ):
         return None
     key = func if mapper is None else (mapper, func, ranged)
-    pickled = _by_name_pickles.get(key)
-    if pickled is None:
+    named = _by_name_cache.get(key)
+    if named is None:
         if mapper is None:
             callable_: Any = func
         elif ranged:
@@ -535,13 +536,53 @@ def _by_name(func: object, mapper: Callable[..., Any] | None = None, ranged: boo
         else:
             callable_ = functools.partial(mapper, func)
         try:
-            pickled = pickle.dumps(callable_, pickle.HIGHEST_PROTOCOL)
+            named = pickle.dumps(callable_, pickle.HIGHEST_PROTOCOL), _label(func)
         except Exception:
             return None  # the whole task is pickled instead, and its error names the culprit
-        if len(_by_name_pickles) >= _BY_NAME_MAX:
-            _by_name_pickles.clear()
-        _by_name_pickles[key] = pickled
-    return pickled
+        if len(_by_name_cache) >= _BY_NAME_MAX:
+            _by_name_cache.clear()
+        _by_name_cache[key] = named
+    return named
+
+
+def _job_callable(
+    func: Callable[..., Any], mapper: Callable[..., Any] | None, iterable: object, by_name: bool
+) -> tuple[bytes | None, bool]:
+    """How a map or imap job sends its function: `(pickled callable, ranged)`. The callable is
+    None when each part carries its whole call; `ranged`: the input is a range whose chunks go
+    as rangestar's `(start, stop, step)`."""
+    if not by_name:
+        return None, False
+    ranged = mapper is not None and type(iterable) is range
+    named = _by_name(func, mapper, ranged)
+    return (None, False) if named is None else (named[0], ranged)
+
+
+def _pack_part(
+    pack: Callable[..., bytes],
+    pickled: bytes | None,
+    ranged: bool,
+    func: Callable[..., Any],
+    mapper: Callable[..., Any] | None,
+    item: Any,
+    start: int,
+) -> bytes:
+    """The payload of one part of a map or imap job: `item` is its chunk (with `mapper`) or its
+    one input item. With the job's `pickled` callable, only the arguments, `(item,)` or for a
+    `ranged` chunk rangestar's three ints; without it, the whole call, pickled by `pack`. A part
+    that cannot be pickled raises the error that names the input item to blame."""
+    chunk = item if mapper is not None else (item,)
+    call: tuple[Any, ...] = (mapper, (func, item), {}) if mapper is not None else (func, (item,), {})
+    if pickled is None:
+        payload: bytes = pack(call, func, functools.partial(_input_items, chunk, start))
+        return payload
+    if ranged:
+        return pickle.dumps(((item.start, item.stop, item.step), {}), pickle.HIGHEST_PROTOCOL)
+    try:
+        return _shm.dumps(((item,), {}))
+    except Exception as exc:
+        pack(call, func, functools.partial(_input_items, chunk, start))  # raises, naming the item
+        raise UnpicklableTaskError(f"cannot pickle the input of {_label(func)}: {exc}") from exc
 
 
 def _slices(iterable: Sequence[Any], size: int, ranges: bool) -> list[tuple[int, Sequence[Any]]]:
@@ -809,16 +850,15 @@ class Pool:
         timeout: float | None = None,
     ) -> ApplyResult[T]:
         """Start `func(*args, **kwds)` in a worker; returns an `AsyncResult`."""
-        if self._state != RUN:
-            raise ValueError("Pool not running")
-        limit = self._task_timeout if timeout is None else _check_seconds(timeout, "timeout")
-        pickled = _by_name(func) if self._sends_by_name else None
+        self._check_running()
+        limit = self._time_limit(timeout)
+        named = _by_name(func) if self._sends_by_name else None
         payload = None
-        if pickled is not None:
+        if named is not None:
             try:
                 payload = _shm.dumps((args, kwds))
             except Exception:
-                pickled = None  # pickled whole below, to name the argument that cannot be
+                named = None  # pickled whole below, to name the argument that cannot be
         if payload is None:
             payload = self._pack(
                 (func, args, kwds),
@@ -827,21 +867,15 @@ class Pool:
                 + [(f"keyword argument {k!r}", v) for k, v in kwds.items()],
             )
         has_callbacks = callback is not None or error_callback is not None
-        label = _labels.get(func) if pickled is not None else None  # by name: hashable
-        if label is None:
-            label = _label(func)
-            if pickled is not None:
-                if len(_labels) >= _BY_NAME_MAX:
-                    _labels.clear()
-                _labels[func] = label
+        label = _label(func) if named is None else named[1]
         job = self._core.new_job(1, has_callbacks, label, limit)
         result: ApplyResult[T] = ApplyResult(job, callback, error_callback)
         if has_callbacks:
             self._cache[job.id] = result
-        if pickled is None:
+        if named is None:
             self._core.submit(job, 0, payload)
         else:
-            self._core.submit(job, 0, payload, pickled, True)
+            self._core.submit(job, 0, payload, named[0], True)
         return result
 
     # --- map family -----------------------------------------------------------------------
@@ -920,7 +954,8 @@ class Pool:
                 chunksize += 1
         elif chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
-        chunks = _slices(iterable, max(chunksize, 1), self._sends_by_name)  # type: ignore[arg-type]
+        pickled, ranged = _job_callable(func, mapper, iterable, self._sends_by_name)
+        chunks = _slices(iterable, max(chunksize, 1), ranged)  # type: ignore[arg-type]
         has_callbacks = callback is not None or error_callback is not None
         bar = _open_bar(progress, len(iterable), func)  # type: ignore[arg-type]
         job = self._core.new_job(len(chunks), has_callbacks, _label(func), limit)
@@ -933,23 +968,27 @@ class Pool:
             return result
         if has_callbacks:
             self._cache[job.id] = result
-        self._submit_chunks(job, func, mapper, chunks)
+        self._submit_chunks(job, func, mapper, chunks, pickled, ranged)
         return result
 
     def _submit_chunks(
-        self, job: _rpool.Job, func: Callable[..., Any], mapper: Callable[..., Any], chunks: list[tuple[int, Any]]
+        self,
+        job: _rpool.Job,
+        func: Callable[..., Any],
+        mapper: Callable[..., Any],
+        chunks: list[tuple[int, Any]],
+        pickled: bytes | None,
+        ranged: bool,
     ) -> None:
         """Pickle and submit a map's chunks in batches that grow from one: the workers start on
         the first chunk while the rest are pickled. A chunk that cannot be pickled fails the job
         (without its callbacks) and raises here, as the stdlib's map does."""
-        ranged = bool(chunks) and type(chunks[0][1]) is range
-        pickled = _by_name(func, mapper, ranged) if self._sends_by_name else None
         core = self._core
         batch: list[bytes] = []
         first, size = 0, 1
         for part, (start, chunk) in enumerate(chunks):
             try:
-                batch.append(self._pack_chunk(pickled, func, mapper, chunk, start))
+                batch.append(_pack_part(self._pack, pickled, ranged, func, mapper, chunk, start))
             except BaseException as exc:
                 self._cache.pop(job.id, None)
                 self._submit_batch(job, first, batch, pickled)
@@ -961,20 +1000,6 @@ class Pool:
                 self._submit_batch(job, first, batch, pickled)
                 first, batch, size = part + 1, [], min(2 * size, 256)
         self._submit_batch(job, first, batch, pickled)
-
-    def _pack_chunk(
-        self, pickled: bytes | None, func: Callable[..., Any], mapper: Callable[..., Any], chunk: Any, start: int
-    ) -> bytes:
-        if pickled is not None:
-            if type(chunk) is range:  # rangestar's arguments
-                return pickle.dumps(((chunk.start, chunk.stop, chunk.step), {}), pickle.HIGHEST_PROTOCOL)
-            try:
-                return _shm.dumps(((chunk,), {}))
-            except Exception as exc:
-                self._pack((mapper, (func, chunk), {}), func, functools.partial(_input_items, chunk, start))
-                raise UnpicklableTaskError(f"cannot pickle the input of {_label(func)}: {exc}") from exc
-        payload: bytes = self._pack((mapper, (func, chunk), {}), func, functools.partial(_input_items, chunk, start))
-        return payload
 
     def _submit_batch(self, job: _rpool.Job, first: int, batch: list[bytes], pickled: bytes | None) -> None:
         if not batch:
@@ -1140,13 +1165,12 @@ def _feed(
     """On an rpool-feed thread: read `imap`'s input and submit it, as the stdlib's task handler,
     no further ahead of the caller than `read_ahead` allows."""
     mapper = mapstar if chunksize != 1 else None
-    ranged = mapper is not None and by_name and type(iterable) is range
-    pickled = _by_name(func, mapper, ranged) if by_name else None
+    pickled, ranged = _job_callable(func, mapper, iterable, by_name)
     part = 0
     try:
         if not mapper:
             items = iter(iterable)
-        elif isinstance(iterable, range) and ranged and pickled is not None:
+        elif ranged and isinstance(iterable, range):
             # Its slices are ranges: nothing to build item by item.
             items = (iterable[i : i + chunksize] for i in range(0, len(iterable), chunksize))
         else:
@@ -1156,26 +1180,17 @@ def _feed(
                 item = next(items)
             except StopIteration:
                 break
-            chunk = item if mapper else (item,)
             if sizes is not None:
-                sizes.append(len(chunk))
-            # The task calls `func(item)`, or `partial(mapstar, func)(chunk)`.
-            body = None
-            if pickled is not None:
-                try:
-                    body = _shm.dumps((((item.start, item.stop, item.step) if ranged else (item,)), {}))
-                except Exception:
-                    pass  # pickled whole below, to name the item that cannot be
-            if body is not None:
-                core.submit(job, part, body, pickled, True)
+                sizes.append(len(item) if mapper else 1)
+            try:
+                payload = _pack_part(pack, pickled, ranged, func, mapper, item, part * chunksize)
+            except Exception as exc:
+                core.fail_part(job, part, _dumps(exc))
             else:
-                call: tuple[Any, ...] = (mapper, (func, item), {}) if mapper else (func, (item,), {})
-                try:
-                    payload = pack(call, func, functools.partial(_input_items, chunk, part * chunksize))
-                except Exception as exc:
-                    core.fail_part(job, part, _dumps(exc))
-                else:
+                if pickled is None:
                     core.submit(job, part, payload)
+                else:
+                    core.submit(job, part, payload, pickled, True)
             part += 1
             if read_ahead is not None:
                 read_ahead.part_submitted()
