@@ -71,18 +71,7 @@ fn spin_until(py: Python<'_>, timeout: Option<f64>, done: impl Fn() -> bool + Sy
         Some(t) => RESULT_SPIN.min(Duration::from_secs_f64(t.min(1.0))),
         None => RESULT_SPIN,
     };
-    py.detach(|| {
-        let until = Instant::now() + spin;
-        loop {
-            std::thread::yield_now();
-            if done() {
-                return true;
-            }
-            if Instant::now() >= until {
-                return false;
-            }
-        }
-    })
+    py.detach(|| crate::frame::spin_until(spin, &done))
 }
 
 /// The memfd an rpool._shm payload (a `bytes` subclass with an `fd`) refers to, taken over:

@@ -236,17 +236,13 @@ impl FrameReader {
     }
 }
 
-/// Poll `fd` without sleeping until it is readable or `spin` has passed, letting other threads
-/// of this CPU run in between. Returns whether it became readable.
-pub fn poll_for(fd: RawFd, spin: Duration) -> bool {
-    let until = Instant::now() + spin;
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+/// Look at `ready` until it holds or `limit` has passed, without sleeping, letting other threads
+/// of this CPU run in between. Returns whether it held. rpool polls like this for a short while
+/// where a sleeping thread's wake-up would cost more than the wait (a halted virtual CPU).
+pub fn spin_until(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + limit;
     loop {
-        if unsafe { libc::poll(&mut pfd, 1, 0) } != 0 {
+        if ready() {
             return true;
         }
         if Instant::now() >= until {
@@ -254,6 +250,16 @@ pub fn poll_for(fd: RawFd, spin: Duration) -> bool {
         }
         std::thread::yield_now();
     }
+}
+
+/// Poll `fd` for up to `spin` without sleeping. Returns whether it became readable.
+pub fn poll_for(fd: RawFd, spin: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    spin_until(spin, || unsafe { libc::poll(&mut pfd, 1, 0) } != 0)
 }
 
 fn wait_readable(fd: RawFd) -> io::Result<()> {

@@ -874,16 +874,12 @@ impl Core {
             let mut n = 0;
             if in_flight {
                 // An answer due soon is read without waking a sleeping thread (see ANSWER_SPIN).
-                let until = Instant::now() + ANSWER_SPIN;
-                loop {
+                frame::spin_until(ANSWER_SPIN, || {
                     n = unsafe {
                         libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 0)
                     };
-                    if n != 0 || Instant::now() >= until {
-                        break;
-                    }
-                    std::thread::yield_now();
-                }
+                    n != 0
+                });
             }
             if n == 0 {
                 n = unsafe {
