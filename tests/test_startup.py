@@ -49,9 +49,17 @@ def _run_python(args, env, cwd=None, timeout=60):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _loaded_at_startup(names, env):
+    """Which of `names` a bare interpreter already has: site's .pth files may import some (this
+    sandbox's CA hook imports certifi, and with it typing and tempfile)."""
+    code = f"import json, sys; print(json.dumps(sorted(m for m in {tuple(names)!r} if m in sys.modules)))"
+    return set(_run_python(["-c", code], env))
+
+
 def test_import_rpool_imports_no_pool_machinery(script_env):
     code = f"import json, sys, rpool; print(json.dumps(sorted(m for m in {NOT_ON_IMPORT!r} if m in sys.modules)))"
-    assert _run_python(["-c", code], script_env) == []
+    loaded = set(_run_python(["-c", code], script_env))
+    assert loaded - _loaded_at_startup(NOT_ON_IMPORT, script_env) == set()
 
 
 def test_public_names_load_on_first_use(script_env):
@@ -100,8 +108,11 @@ def test_exec_worker_imports_only_what_it_uses(method, forward_logs, script_env)
             print(json.dumps(pool.apply(eval, ({probe!r},))))
         """
     )
+    loaded = set(_run_python(["-c", code], script_env))
     # Forwarding logs needs logging in the worker: the probe sees it when it is there.
-    assert _run_python(["-c", code], script_env) == (["logging"] if forward_logs else [])
+    expected = {"logging"} if forward_logs else set()
+    at_startup = _loaded_at_startup(NOT_IN_EXEC_WORKER, script_env)
+    assert loaded - at_startup == expected - at_startup
 
 
 @pytest.mark.parametrize("impl", ["stdlib", "rpool"])
