@@ -103,6 +103,9 @@ struct Parts {
     /// The least `finished` count a `wait_count` caller waits for (0: none waits), so that it is
     /// woken once, when its count is reached, not by every part before.
     wake_at: usize,
+    /// Threads blocked in any wait on this job. With none, a change wakes nobody: a condvar
+    /// notify is a system call even then, and most `apply_async` results are never waited on.
+    waiters: usize,
 }
 
 impl Parts {
@@ -151,8 +154,13 @@ impl Job {
         }
     }
 
-    fn notify(&self) {
-        self.changed.notify_all();
+    /// Wake the waiting threads, if `p` says there are any, and the event fds.
+    fn notify(&self, p: MutexGuard<'_, Parts>) {
+        let waited = p.waiters > 0;
+        drop(p);
+        if waited {
+            self.changed.notify_all();
+        }
         self.notify_wakers();
     }
 
@@ -214,12 +222,12 @@ impl Job {
         if counted {
             p.wake_at = 0; // the woken re-register if they wait on
         }
-        let wake = complete || counted || p.part_waiters > 0;
-        drop(p);
-        if wake {
-            self.changed.notify_all();
+        if complete || counted || p.part_waiters > 0 {
+            self.notify(p);
+        } else {
+            drop(p);
+            self.notify_wakers();
         }
-        self.notify_wakers();
         complete
     }
 
@@ -231,14 +239,14 @@ impl Job {
         if complete && !self.has_callbacks {
             p.ready = true;
         }
-        drop(p);
-        self.notify();
+        self.notify(p);
         complete
     }
 
     pub fn mark_ready(&self) {
-        self.lock().ready = true;
-        self.notify();
+        let mut p = self.lock();
+        p.ready = true;
+        self.notify(p);
     }
 
     pub fn is_ready(&self) -> bool {
@@ -295,11 +303,13 @@ impl Job {
             } else {
                 p.wake_at.min(count)
             };
+            p.waiters += 1;
             p = self
                 .changed
                 .wait_timeout(p, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            p.waiters -= 1;
         }
     }
 
@@ -307,15 +317,21 @@ impl Job {
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&JobView) -> bool) -> bool {
         let mut p = self.lock();
         p.part_waiters += 1;
+        p.waiters += 1;
         let (mut p, holds) = wait_until(p, &self.changed, timeout, |p| pred(&JobView(p)));
         p.part_waiters -= 1;
+        p.waiters -= 1;
         holds
     }
 
     /// `wait_for` a condition on the whole job (`ready`, `complete`): woken only when the job
     /// completes, is sealed or is marked ready, not by each part.
     pub fn wait_for_whole(&self, timeout: Duration, pred: impl Fn(&JobView) -> bool) -> bool {
-        wait_until(self.lock(), &self.changed, timeout, |p| pred(&JobView(p))).1
+        let mut p = self.lock();
+        p.waiters += 1;
+        let (mut p, holds) = wait_until(p, &self.changed, timeout, |p| pred(&JobView(p)));
+        p.waiters -= 1;
+        holds
     }
 
     /// The parts that finished after the first `start` ones, in finishing order.
