@@ -8,6 +8,7 @@ pub mod frame;
 pub mod job;
 pub mod launch;
 pub mod pool;
+pub mod quick;
 pub mod shm;
 pub mod threads;
 
@@ -25,7 +26,7 @@ fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bindings::forward_log, m)?)?;
     m.add_function(wrap_pyfunction!(bindings::reset_log_cache, m)?)?;
     m.add_function(wrap_pyfunction!(shm::read_buffer, m)?)?;
-    m.add_function(wrap_pyfunction!(shm::holds_large_buffer, m)?)?;
     m.add_function(wrap_pyfunction!(shm::send_memfd, m)?)?;
+    m.add_function(wrap_pyfunction!(quick::quick_dumps, m)?)?;
     Ok(())
 }

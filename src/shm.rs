@@ -102,7 +102,6 @@ fn keep_freed_heap(length: usize) {
 /// `bytearray` or other buffer (a numpy array, say) of at least `min_size` bytes. Looks at no
 /// more than `budget` objects: it runs for every task and result, so it must cost next to
 /// nothing when the answer is no.
-#[pyfunction]
 pub fn holds_large_buffer(obj: &Bound<'_, PyAny>, min_size: usize, budget: usize) -> bool {
     use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
     let mut stack = vec![obj.clone()];

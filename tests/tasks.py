@@ -300,3 +300,22 @@ def write_pid_at_exit(path):
 def _write_pid(path):
     with open(path, "w") as f:
         f.write(str(os.getpid()))
+
+
+def shares_and_types(obj):
+    """What pickling may change about `obj`: which of its lists and dicts are one object, and
+    the type of every item (with the items themselves, for equality)."""
+    seen = {}
+
+    def walk(o):
+        if isinstance(o, (list, dict)):
+            if id(o) in seen:
+                return ("same as", seen[id(o)])
+            seen[id(o)] = len(seen)
+            items = o.items() if isinstance(o, dict) else enumerate(o)
+            return (type(o).__name__, [(k, walk(v)) for k, v in items])
+        if isinstance(o, tuple):
+            return ("tuple", [walk(v) for v in o])
+        return (type(o).__name__, repr(o))
+
+    return walk(obj)

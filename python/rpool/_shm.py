@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 # Buffers this big (bytes) leave the pickle stream; a memfd costs a few system calls. The
 # environment variable lets a setup where /proc/<pid>/fd cannot be opened turn it off.
 MIN_SHARED = int(os.environ.get("RPOOL_SHM_MIN_BYTES", 1 << 20))
-# How many objects `holds_large_buffer` looks at before it gives up (it runs for every task).
+# How many objects the look for large buffers takes in what `quick_dumps` cannot write (it
+# runs for every task and result).
 _LOOK_BUDGET = 16
 _ALIGN = 4096
 
@@ -102,34 +103,40 @@ def _collector(buffers):
 
 def dumps(
     obj: object,
-    _holds: Callable[[object, int, int], bool] = _rpool.holds_large_buffer,
-    _dumps: Callable[[object, int], bytes] = pickle.dumps,
+    _quick: Callable[[object, int, int], bytes | bool] = _rpool.quick_dumps,
     _min: int = MIN_SHARED,
     _look: int = _LOOK_BUDGET,
 ) -> bytes:
     """Pickle a task as rpool's pool does (protocol 5, ForkingPickler's reducers if needed); if
     it holds large buffers, return a `SharedPayload` whose memfd holds them. The core keeps that
     memfd until the task ends; the worker opens it through /proc."""
-    if _holds(obj, _min, _look):
-        return _dump_shared(obj, False)
-    try:
-        return _dumps(obj, 5)  # as rpool._worker.dumps: plain pickle's faster path first
-    except Exception:
-        return _forking_dumps(obj)
+    # Plain data (most arguments) is pickled natively; else the answer says where it goes.
+    quick = _quick(obj, _min, _look)
+    if quick is True or quick is False:
+        return _dumps_not_plain(obj, quick, False)
+    return quick
 
 
 def dumps_result(
     obj: object,
-    _holds: Callable[[object, int, int], bool] = _rpool.holds_large_buffer,
-    _dumps: Callable[[object, int], bytes] = pickle.dumps,
+    _quick: Callable[[object, int, int], bytes | bool] = _rpool.quick_dumps,
     _min: int = MIN_SHARED,
     _look: int = _LOOK_BUDGET,
 ) -> bytes:
     """`dumps` for a worker's result or exception: its memfd goes to the parent at once."""
-    if _holds(obj, _min, _look):
-        return _dump_shared(obj, True)
+    quick = _quick(obj, _min, _look)
+    if quick is True or quick is False:
+        return _dumps_not_plain(obj, quick, True)
+    return quick
+
+
+def _dumps_not_plain(obj: object, shared: bool, sent: bool) -> bytes:
+    """What `quick_dumps` did not write: through shared memory if `shared` (`sent`: its memfd
+    goes to the parent now), else with pickle, plain pickle's faster path first."""
+    if shared:
+        return _dump_shared(obj, sent)
     try:
-        return _dumps(obj, 5)
+        return pickle.dumps(obj, 5)
     except Exception:
         return _forking_dumps(obj)
 
