@@ -15,7 +15,7 @@ use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyList};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -271,9 +271,18 @@ impl PyJob {
 /// The items of decoded chunks an `imap` iterator hands out. `__next__` pops one here, without
 /// running any Python code, and calls the Python subclass's `_refill()` only when none is left:
 /// a Python `__next__` per item cost more than the rest of `imap_unordered` of tiny tasks.
+/// Chunks are kept as the lists they were decoded to, with the index of the next item: queueing
+/// one costs the same whatever its length.
 #[pyclass(frozen, subclass, module = "rpool._rpool")]
 pub struct ItemQueue {
-    items: Mutex<std::collections::VecDeque<Py<PyAny>>>,
+    items: Mutex<QueuedChunks>,
+}
+
+#[derive(Default)]
+struct QueuedChunks {
+    chunks: std::collections::VecDeque<Py<PyList>>,
+    /// Index of the next item of the front chunk.
+    next: usize,
 }
 
 #[pymethods]
@@ -285,12 +294,12 @@ impl ItemQueue {
         _kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
     ) -> Self {
         ItemQueue {
-            items: Mutex::new(std::collections::VecDeque::new()),
+            items: Mutex::new(QueuedChunks::default()),
         }
     }
 
     fn __next__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
-        if let Some(item) = slf.get().pop() {
+        if let Some(item) = slf.get().pop(slf.py()) {
             return Ok(item);
         }
         slf.call_method0("_refill").map(Bound::unbind)
@@ -298,31 +307,43 @@ impl ItemQueue {
 
     /// Queue the items of `chunk` behind those left.
     fn _extend(&self, chunk: &Bound<'_, PyAny>) -> PyResult<()> {
-        let mut items = Vec::new();
-        for item in chunk.try_iter()? {
-            items.push(item?.unbind());
+        // A decoded chunk is a list no one else holds: kept as it is. Any other iterable is copied.
+        let list = match chunk.downcast_exact::<PyList>() {
+            Ok(list) => list.clone(),
+            Err(_) => PyList::new(chunk.py(), chunk.try_iter()?.collect::<PyResult<Vec<_>>>()?)?,
+        };
+        if !list.is_empty() {
+            self.lock().chunks.push_back(list.unbind());
         }
-        self.lock().extend(items);
         Ok(())
     }
 
     /// The next queued item, or `default` if none is left.
-    fn _pop(&self, default: Py<PyAny>) -> Py<PyAny> {
-        self.pop().unwrap_or(default)
+    fn _pop(&self, py: Python<'_>, default: Py<PyAny>) -> Py<PyAny> {
+        self.pop(py).unwrap_or(default)
     }
 
     fn _has_items(&self) -> bool {
-        !self.lock().is_empty()
+        !self.lock().chunks.is_empty()
     }
 }
 
 impl ItemQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Py<PyAny>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueuedChunks> {
         self.items.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn pop(&self) -> Option<Py<PyAny>> {
-        self.lock().pop_front()
+    fn pop(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        let mut queued = self.lock();
+        let next = queued.next;
+        let front = queued.chunks.front()?.bind(py);
+        let (item, len) = (front.get_item(next).ok()?.unbind(), front.len());
+        queued.next += 1;
+        if queued.next >= len {
+            queued.chunks.pop_front();
+            queued.next = 0;
+        }
+        Some(item)
     }
 }
 
