@@ -5,7 +5,9 @@ workers take tasks; rpool's default is bounded too. The generators here record h
 have been read, so the tests see exactly what the feeder took.
 """
 
+import functools
 import itertools
+import os
 import multiprocessing
 import threading
 import time
@@ -208,3 +210,82 @@ def test_threads_sharing_one_iterator_get_every_item_once(make_pool_rpool_fork, 
     assert sorted(itertools.chain(*seen)) == [i * i for i in range(3000)]
     if fn == "imap":
         assert all(part == sorted(part) for part in seen)
+
+
+# A list, tuple or range is fed by the caller's thread (no feeder thread): the same bounds hold.
+# What was submitted is seen from the files the tasks create.
+
+SEQUENCES = {"list": lambda n: list(range(n)), "tuple": lambda n: tuple(range(n)), "range": range}
+
+
+def settled_files(directory, expected, quiet=0.3):
+    deadline = time.monotonic() + TIMEOUT
+    while len(os.listdir(directory)) < expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(quiet)
+    return len(os.listdir(directory))
+
+
+@pytest.mark.parametrize(
+    "kind, fn, chunksize, buffersize",
+    [("list", "imap", 1, 1), ("tuple", "imap_unordered", 1, 5), ("range", "imap", 3, 4), ("range", "imap_unordered", 1, 2)],
+)
+def test_a_sequence_is_submitted_only_buffersize_chunks_ahead(make_rpool, tmp_path, kind, fn, chunksize, buffersize):
+    pool = make_rpool(2)
+    touch = functools.partial(tasks.touch_in, str(tmp_path))
+    results = getattr(pool, fn)(touch, SEQUENCES[kind](1000), chunksize, buffersize)
+    assert settled_files(tmp_path, chunksize * buffersize) == chunksize * buffersize
+    consumed = 0
+    for _ in range(3):
+        for _ in range(chunksize):
+            results.next(timeout=TIMEOUT)
+        consumed += 1
+        # Never more than `buffersize` chunks past those yielded.
+        assert settled_files(tmp_path, 0, quiet=0.1) <= chunksize * (consumed + buffersize)
+    rest = list(results)
+    assert len(rest) == 1000 - 3 * chunksize
+    assert len(os.listdir(tmp_path)) == 1000
+
+
+@pytest.mark.parametrize("kind", SEQUENCES)
+def test_a_sequence_default_read_ahead_is_bounded(make_rpool, tmp_path, kind):
+    from rpool import pool as rpool_pool
+
+    pool = make_rpool(2)
+    touch = functools.partial(tasks.touch_in, str(tmp_path))
+    results = pool.imap(touch, SEQUENCES[kind](5000), 2)
+    bound = rpool_pool._READ_AHEAD_PER_WORKER * 2 * 2
+    assert settled_files(tmp_path, bound) == bound
+    assert [results.next(timeout=TIMEOUT) for _ in range(3)] == [0, 1, 2]
+
+
+def test_close_then_join_runs_the_rest_of_a_sequence(make_rpool, tmp_path):
+    pool = make_rpool(2)
+    touch = functools.partial(tasks.touch_in, str(tmp_path))
+    results = pool.imap(touch, range(300), 1, buffersize=2)
+    assert results.next(timeout=TIMEOUT) == 0
+    pool.close()
+    pool.join()  # lifts the bound, as the stdlib's pool runs every queued task before joining
+    assert len(os.listdir(tmp_path)) == 300
+    assert list(results) == list(range(1, 300))
+
+
+def test_terminate_stops_feeding_a_sequence(make_rpool, tmp_path):
+    pool = make_rpool(2)
+    touch = functools.partial(tasks.touch_in, str(tmp_path))
+    results = pool.imap_unordered(touch, range(10**6), buffersize=3)
+    settled_files(tmp_path, 3, quiet=0.1)
+    pool.terminate()
+    assert not pool._read_aheads
+    assert len(os.listdir(tmp_path)) == 3
+    # Its three tasks ran: each is yielded (or, if its result had not come back, fails as
+    # terminated), then the iterator ends.
+    from rpool import PoolTerminatedError
+
+    for _ in range(3):
+        try:
+            assert results.next(timeout=TIMEOUT) in (0, 1, 2)
+        except PoolTerminatedError:
+            pass
+    with pytest.raises(StopIteration):
+        results.next(timeout=TIMEOUT)

@@ -358,3 +358,24 @@ def test_rpool_exception_that_fails_to_unpickle_in_parent(make_rpool):
     assert "NeedsTwoArgsError" in str(info.value)
     assert errors == [info.value]
     assert pool.apply(tasks.square, (4,)) == 16
+
+
+@pytest.mark.parametrize("container", [list, tuple])
+def test_imap_unpicklable_input_item_fails_at_its_position_then_continues(make_pool, container):
+    pool = make_pool()
+    items = container([1, 2, threading.Lock(), 4])
+    it = pool.imap(tasks.identity, items)
+    assert [it.next(timeout=T) for _ in range(2)] == [1, 2]
+    with pytest.raises((TypeError, AttributeError, __import__("pickle").PicklingError), match="pickle"):
+        it.next(timeout=T)
+    assert list(it) == [4]
+    assert pool.apply(tasks.square, (4,)) == 16
+
+
+def test_imap_unpicklable_input_item_fails_its_chunk(make_pool):
+    pool = make_pool()
+    got = []
+    with pytest.raises((TypeError, AttributeError, __import__("pickle").PicklingError), match="pickle"):
+        for x in pool.imap(tasks.identity, [1, 2, threading.Lock(), 4, 5], 2):
+            got.append(x)
+    assert got == [1, 2]

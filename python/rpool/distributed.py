@@ -431,6 +431,9 @@ class Pool(_LocalPool):
     # Tasks travel with cloudpickle, so that functions defined in the user's script reach workers
     # that never imported it.
     _pack = staticmethod(functools.partial(_dump_task, dumps=_cloud_dumps))
+    # The Dask core's submit blocks while an imap has its window of chunks in flight: that must
+    # be a feeder thread, not the caller.
+    _feeds_sequences = False
 
     def __init__(
         self,

@@ -302,7 +302,9 @@ class IMapIterator(_rpool.ItemQueue, Generic[T]):
     `_refill` (under the lock) waits for and decodes the next part when none is left.
     """
 
-    def __init__(self, job: _rpool.Job, ordered: bool, chunked: bool, read_ahead: _ReadAhead | None = None) -> None:
+    def __init__(
+        self, job: _rpool.Job, ordered: bool, chunked: bool, read_ahead: _ReadAhead | _SequenceFeed | None = None
+    ) -> None:
         self._job = job
         self._ordered = ordered
         self._chunked = chunked
@@ -469,6 +471,97 @@ class _ReadAhead:
             self._changed.notify()
 
 
+class _SequenceFeed:
+    """Feeds an `imap` job whose input is a list, tuple or range from the threads that use the
+    iterator, instead of from a feeder thread: `limit` parts at the start, more as parts are
+    yielded (keeping between `limit // 2` and `limit` ahead of the caller, as `_ReadAhead`
+    does), the rest in join(). Such input is sliced, never read item by item, so this costs
+    the caller little, where a feeder thread costs a thread start and a GIL hand-over per batch.
+    """
+
+    def __init__(
+        self, pool: Pool, job: _rpool.Job, func: Callable[..., Any], items: Sequence[Any], chunksize: int,
+        sizes: list[int] | None, limit: int, registry: set[Any],
+    ) -> None:
+        self._core = pool._core
+        self._pack = pool._pack
+        self._job = job
+        self._func = func
+        self._mapper = mapstar if chunksize != 1 else None
+        self._pickled, self._ranged = _job_callable(func, self._mapper, items, pool._sends_by_name)
+        self._items = items
+        self._chunksize = chunksize
+        self._parts = -(-len(items) // chunksize)
+        self._sizes = sizes
+        self._registry = registry
+        self.limit = limit
+        self.submitted = 0
+        self.yielded = 0
+        self._sealed = False
+        self._lock = threading.Lock()
+        registry.add(self)
+
+    def feed(self, upto: int) -> None:
+        """Submit the parts before `upto` not yet submitted; seal the job after the last one.
+        The first parts go out in batches that grow from one, so that workers start at once."""
+        with self._lock:
+            if self._sealed:
+                return
+            core, job, size, items, mapper = self._core, self._job, self._chunksize, self._items, self._mapper
+            end = min(upto, self._parts)
+            first, batch, most = self.submitted, [], (1 if self.submitted == 0 else end)
+            try:
+                for part in range(self.submitted, end):
+                    start = part * size
+                    item = items[start : start + size] if mapper else items[start]
+                    if self._sizes is not None:
+                        self._sizes.append(len(item) if mapper else 1)
+                    try:
+                        batch.append(_pack_part(self._pack, self._pickled, self._ranged, self._func, mapper, item, start))
+                    except Exception as exc:
+                        _submit_batch(core, job, first, batch, self._pickled)
+                        core.fail_part(job, part, _dumps(exc))
+                        first, batch = part + 1, []
+                        continue
+                    if len(batch) >= most:
+                        _submit_batch(core, job, first, batch, self._pickled)
+                        first, batch, most = part + 1, [], min(2 * most, 256)
+                _submit_batch(core, job, first, batch, self._pickled)
+            except ValueError as exc:  # terminated meanwhile: what was not submitted never runs
+                if str(exc) != "Pool not running":
+                    raise
+                self.submitted = first
+                self._seal()
+                return
+            self.submitted = end
+            if end == self._parts:
+                self._seal()
+
+    def _seal(self) -> None:
+        self._sealed = True
+        self._items = ()  # the input is not kept alive by a finished iterator
+        self._core.seal(self._job, self.submitted)
+        self._registry.discard(self)
+
+    def part_yielded(self) -> bool:
+        """On the caller (under the iterator's lock), per part yielded: top up the parts ahead.
+        Returns False: no feeder thread waits for the GIL."""
+        self.yielded += 1
+        if self.submitted - self.yielded <= self.limit // 2 and not self._sealed:
+            self.feed(self.yielded + self.limit)
+        return False
+
+    def lift(self) -> None:
+        """join(): run all of the input, as the stdlib's pool does."""
+        self.feed(self._parts)
+
+    def stop(self) -> None:
+        """terminate(): submit no more."""
+        with self._lock:
+            if not self._sealed:
+                self._seal()
+
+
 def _chunks(iterable: Iterable[Any], size: int, numbered: bool = False) -> Iterator[Any]:
     """Tuples of up to `size` items; with `numbered`, `(index of the first item, chunk)` pairs."""
     it = iter(iterable)
@@ -583,6 +676,16 @@ def _pack_part(
     except Exception as exc:
         pack(call, func, functools.partial(_input_items, chunk, start))  # raises, naming the item
         raise UnpicklableTaskError(f"cannot pickle the input of {_label(func)}: {exc}") from exc
+
+
+def _submit_batch(core: Any, job: _rpool.Job, first: int, batch: list[bytes], pickled: bytes | None) -> None:
+    """Submit parts `first`, `first + 1`, ... of `job` in one go."""
+    if not batch:
+        return
+    if pickled is None:
+        core.submit_many(job, first, batch)
+    else:
+        core.submit_many(job, first, batch, pickled, True)
 
 
 def _slices(iterable: Sequence[Any], size: int, ranges: bool) -> list[tuple[int, Sequence[Any]]]:
@@ -725,6 +828,9 @@ class Pool:
     # Whether tasks send a function that pickles by name apart from its arguments (`_by_name`);
     # only rpool's own process core reads such tasks.
     _sends_by_name = False
+    # imap over a list, tuple or range is fed by the caller's thread (`_SequenceFeed`): only for
+    # cores whose submit never blocks.
+    _feeds_sequences = True
     # The core that runs the tasks: `_rpool.PoolCore` here, another for ThreadPool and Dask.
     _core: Any
 
@@ -991,23 +1097,15 @@ class Pool:
                 batch.append(_pack_part(self._pack, pickled, ranged, func, mapper, chunk, start))
             except BaseException as exc:
                 self._cache.pop(job.id, None)
-                self._submit_batch(job, first, batch, pickled)
+                _submit_batch(core, job, first, batch, pickled)
                 failure = _dumps(exc)
                 for rest in range(part, len(chunks)):
                     core.fail_part(job, rest, failure)
                 raise
             if len(batch) >= size:
-                self._submit_batch(job, first, batch, pickled)
+                _submit_batch(core, job, first, batch, pickled)
                 first, batch, size = part + 1, [], min(2 * size, 256)
-        self._submit_batch(job, first, batch, pickled)
-
-    def _submit_batch(self, job: _rpool.Job, first: int, batch: list[bytes], pickled: bytes | None) -> None:
-        if not batch:
-            return
-        if pickled is None:
-            self._core.submit_many(job, first, batch)
-        else:
-            self._core.submit_many(job, first, batch, pickled, True)
+        _submit_batch(core, job, first, batch, pickled)
 
     def imap(
         self,
@@ -1065,14 +1163,21 @@ class Pool:
         total = len(iterable) if isinstance(iterable, Sized) else None
         bar = _open_bar(progress, total, func)
         job = self._core.new_job(None, False, _label(func), self._time_limit(timeout))
-        read_ahead = _ReadAhead(buffersize or _READ_AHEAD_PER_WORKER * self._processes, self)
-        read_aheads: set[_ReadAhead] = self.__dict__.setdefault("_read_aheads", set())
-        read_aheads.add(read_ahead)
-        result: IMapIterator[Any] = IMapIterator(job, ordered, chunked=chunksize != 1, read_ahead=read_ahead)
+        limit = buffersize or _READ_AHEAD_PER_WORKER * self._processes
+        read_aheads: set[Any] = self.__dict__.setdefault("_read_aheads", set())
         # Chunk sizes, appended by the feeder before each chunk goes out; None: one item per task.
-        sizes: list[int] | None = None
+        sizes: list[int] | None = [] if bar is not None and chunksize != 1 else None
+        if self._feeds_sequences and type(iterable) in (list, tuple, range):
+            feed = _SequenceFeed(self, job, func, iterable, chunksize, sizes, limit, read_aheads)  # type: ignore[arg-type]
+            result: IMapIterator[Any] = IMapIterator(job, ordered, chunked=chunksize != 1, read_ahead=feed)
+            if bar is not None:
+                result._progress = _tracker(job, bar, sizes)
+            feed.feed(limit)
+            return result
+        read_ahead = _ReadAhead(limit, self)
+        read_aheads.add(read_ahead)
+        result = IMapIterator(job, ordered, chunked=chunksize != 1, read_ahead=read_ahead)
         if bar is not None:
-            sizes = [] if chunksize != 1 else None
             result._progress = _tracker(job, bar, sizes)
         feeder = threading.Thread(
             target=_feed,
