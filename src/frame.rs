@@ -94,6 +94,9 @@ pub struct FrameReader {
 pub enum Fill {
     /// Some bytes arrived.
     Data,
+    /// Some bytes arrived, fewer than there was room for: the pipe was empty after them, so
+    /// another read now would most likely find nothing.
+    Drained,
     /// The writer closed its end.
     Eof,
     /// Nothing to read now (non-blocking descriptor).
@@ -148,8 +151,13 @@ impl FrameReader {
                 )
             };
             if n > 0 {
+                let room = self.buf.len() - self.end;
                 self.end += n as usize;
-                return Ok(Fill::Data);
+                return Ok(if (n as usize) < room {
+                    Fill::Drained
+                } else {
+                    Fill::Data
+                });
             }
             if n == 0 {
                 return Ok(Fill::Eof);
@@ -181,7 +189,7 @@ impl FrameReader {
                 return Ok(true);
             }
             match self.fill(fd.as_raw_fd())? {
-                Fill::Data => {}
+                Fill::Data | Fill::Drained => {}
                 Fill::Eof if self.has_partial() => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,

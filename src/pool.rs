@@ -960,6 +960,7 @@ impl Core {
         let w = &mut s.workers[i];
         let mut timings = Vec::new();
         let mut unstarted = Vec::new();
+        let mut drained = false;
         loop {
             while let Some((h, body)) = w.reader.next_frame() {
                 match h.kind {
@@ -1025,8 +1026,15 @@ impl Core {
                     )),
                 }
             }
+            if drained {
+                break;
+            }
+            // A short read emptied the pipe: its frames are handled above, and the epoll (level
+            // triggered) reports anything written since; one more read would cost a system
+            // call under the scheduler lock to learn there is nothing.
             match w.reader.fill(w.result_fd.as_raw_fd()) {
                 Ok(frame::Fill::Data) => continue,
+                Ok(frame::Fill::Drained) => drained = true,
                 Ok(_) | Err(_) => break,
             }
         }
