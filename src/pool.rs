@@ -18,11 +18,12 @@
 use crate::frame::{self, kind, FrameReader, HEADER_LEN};
 use crate::job::{self, wait_until, Job, Outcome};
 use crossbeam::channel::{unbounded, Receiver, Sender};
+use crossbeam::queue::SegQueue;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -205,6 +206,11 @@ pub type LogSink = Box<dyn Fn(Vec<Vec<u8>>) + Send + Sync>;
 pub struct Core {
     config: PoolConfig,
     sched: Mutex<Sched>,
+    /// Tasks submitted while another thread held the scheduler lock (rpool-io, mostly, during
+    /// its system calls): a caller never waits for that lock, with the GIL held, to queue a
+    /// task. Whoever takes the lock next moves them to the queue (`drain_inbox`), before any
+    /// task submitted after them.
+    inbox: SegQueue<InFlight>,
     /// Notified when workers start or exit.
     changed: Condvar,
     epoll: OwnedFd,
@@ -280,6 +286,7 @@ impl Core {
                 launch_error: None,
                 forwarded: Vec::new(),
             }),
+            inbox: SegQueue::new(),
             changed: Condvar::new(),
             epoll,
             wake,
@@ -434,22 +441,71 @@ impl Core {
                 }
             })
             .collect();
-        let mut s = self.lock();
-        if s.lifecycle == Lifecycle::Terminated {
-            return Err(SubmitError::NotRunning);
+        let mut s = match self.sched.try_lock() {
+            Ok(s) => s,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                flights.into_iter().for_each(|f| self.inbox.push(f));
+                self.left_in_inbox();
+                return Ok(());
+            }
+        };
+        let mut done = Vec::new();
+        self.drain_inbox(&mut s, &mut done);
+        let submitted = if s.lifecycle == Lifecycle::Terminated {
+            Err(SubmitError::NotRunning)
+        } else {
+            if let Some(reason) = s.broken.clone() {
+                done.extend(
+                    flights
+                        .into_iter()
+                        .map(|f| (f, Outcome::WorkerLost(reason.clone()))),
+                );
+            } else {
+                s.queue.extend(flights);
+                self.pump_with(&mut s, Writes::Batched);
+            }
+            Ok(())
+        };
+        drop(s);
+        self.finish(done);
+        submitted
+    }
+
+    /// Move tasks from the inbox to the queue, or fail them if the pool can no longer run them.
+    fn drain_inbox(&self, s: &mut Sched, done: &mut Vec<(InFlight, Outcome)>) {
+        while let Some(flight) = self.inbox.pop() {
+            if s.lifecycle == Lifecycle::Terminated {
+                done.push((flight, Outcome::Terminated(TERMINATED.into())));
+            } else if let Some(reason) = &s.broken {
+                done.push((flight, Outcome::WorkerLost(reason.clone())));
+            } else {
+                s.queue.push_back(flight);
+            }
         }
-        if let Some(reason) = s.broken.clone() {
-            drop(s);
-            let lost = flights
-                .into_iter()
-                .map(|f| (f, Outcome::WorkerLost(reason.clone())))
-                .collect();
-            self.finish(lost);
-            return Ok(());
+    }
+
+    /// After tasks went to the inbox: make sure someone moves them on soon.
+    fn left_in_inbox(&self) {
+        // Pairs with the fences in close(), terminate() and wait_ms(): either they see these
+        // tasks in the inbox, or this sees what they set.
+        fence(Ordering::SeqCst);
+        if !self.running.load(Ordering::Relaxed) {
+            // Closed or terminated meanwhile, maybe after close() decided that nothing was left
+            // to run: take the lock and settle them here.
+            let mut done = Vec::new();
+            {
+                let mut s = self.lock();
+                self.drain_inbox(&mut s, &mut done);
+                self.pump(&mut s);
+                self.check_finished(&mut s);
+            }
+            self.finish(done);
+        } else if self.io_sleeps_long.load(Ordering::Relaxed)
+            && !self.flush_poked.swap(true, Ordering::AcqRel)
+        {
+            self.poke();
         }
-        s.queue.extend(flights);
-        self.pump_with(&mut s, Writes::Batched);
-        Ok(())
     }
 
     pub fn fail_part(&self, job: &Arc<Job>, part: usize, exc: Vec<u8>) {
@@ -461,8 +517,10 @@ impl Core {
     /// Drop `job`'s parts that are still queued (not yet sent to a worker); they end as
     /// `Outcome::Cancelled`. Returns how many were dropped.
     pub fn cancel(&self, job: &Arc<Job>) -> usize {
+        let mut done = Vec::new();
         let dropped: VecDeque<InFlight> = {
             let mut s = self.lock();
+            self.drain_inbox(&mut s, &mut done);
             let (mine, rest) = std::mem::take(&mut s.queue)
                 .into_iter()
                 .partition(|f| Arc::ptr_eq(&f.job, job));
@@ -471,12 +529,8 @@ impl Core {
             mine
         };
         let n = dropped.len();
-        self.finish(
-            dropped
-                .into_iter()
-                .map(|f| (f, Outcome::Cancelled))
-                .collect(),
-        );
+        done.extend(dropped.into_iter().map(|f| (f, Outcome::Cancelled)));
+        self.finish(done);
         n
     }
 
@@ -494,13 +548,21 @@ impl Core {
     }
 
     pub fn close(&self) {
-        let mut s = self.lock();
-        if s.lifecycle == Lifecycle::Running {
-            s.lifecycle = Lifecycle::Closed;
-            self.running.store(false, Ordering::Release);
+        let mut done = Vec::new();
+        {
+            let mut s = self.lock();
+            if s.lifecycle == Lifecycle::Running {
+                s.lifecycle = Lifecycle::Closed;
+                self.running.store(false, Ordering::Release);
+            }
+            // See left_in_inbox: from here on, tasks left in the inbox are seen below or by
+            // their submitter.
+            fence(Ordering::SeqCst);
+            self.drain_inbox(&mut s, &mut done);
+            self.pump(&mut s);
+            self.check_finished(&mut s);
         }
-        self.pump(&mut s);
-        self.check_finished(&mut s);
+        self.finish(done);
     }
 
     /// Kill every worker and fail every unfinished task. Returns at once; `wait_finished` waits.
@@ -513,6 +575,8 @@ impl Core {
             }
             s.lifecycle = Lifecycle::Terminated;
             self.running.store(false, Ordering::Release);
+            fence(Ordering::SeqCst); // as in close()
+            self.drain_inbox(&mut s, &mut failed);
             let why = TERMINATED;
             failed.extend(
                 s.queue
@@ -623,7 +687,10 @@ impl Core {
         if new_deadline {
             self.poke();
         }
-        let drained = s.lifecycle != Lifecycle::Running && s.queue.is_empty() && s.open_jobs == 0;
+        let drained = s.lifecycle != Lifecycle::Running
+            && s.queue.is_empty()
+            && s.open_jobs == 0
+            && self.inbox.is_empty();
         for w in &mut s.workers {
             if drained && w.state == WorkerState::Ready && w.inflight.is_empty() {
                 w.state = WorkerState::Leaving;
@@ -930,6 +997,7 @@ impl Core {
                         self.worker_exited(&mut s, w, &mut done, &mut logs);
                     }
                 }
+                self.drain_inbox(&mut s, &mut done);
                 self.expire_overdue(&mut s, &mut done, &mut logs);
                 self.pump(&mut s);
                 self.check_finished(&mut s);
@@ -1152,6 +1220,11 @@ impl Core {
             ms = ms.min(1);
         }
         self.io_sleeps_long.store(ms > 1, Ordering::Release);
+        // See left_in_inbox: a task left there from now on pokes; one left before is seen here.
+        fence(Ordering::SeqCst);
+        if !self.inbox.is_empty() {
+            ms = 0;
+        }
         (ms, in_flight)
     }
 
@@ -1416,6 +1489,72 @@ mod tests {
             core.wait_finished(Duration::from_secs(10)),
             "workers did not exit after close"
         );
+        core.join_threads();
+    }
+
+    /// Submit `payload` as a one-part job while the scheduler lock is held (as rpool-io holds
+    /// it during its system calls): the submit must not wait for the lock.
+    fn submit_while_locked(core: &Arc<Core>, payload: &str) -> Arc<Job> {
+        let job = core.new_job(Some(1), false).unwrap();
+        let held = core.lock();
+        core.submit(&job, 0, payload.as_bytes()).unwrap();
+        drop(held);
+        job
+    }
+
+    #[test]
+    fn a_task_submitted_while_the_lock_is_held_runs() {
+        let core = pool(2, None);
+        // Idle pool: rpool-io sleeps long and must be woken for it.
+        let job = submit_while_locked(&core, "echo:idle");
+        assert!(job.wait_for(Duration::from_secs(10), |v| v.ready()));
+        assert_eq!(job.take(0), Some(Outcome::Value(b"idle".to_vec())));
+        // Busy pool, and several submitting threads at once.
+        let busy = run(&core, &["sleep:1"]);
+        drop(busy);
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let core = core.clone();
+                std::thread::spawn(move || {
+                    let payloads: Vec<String> = (0..300).map(|i| format!("echo:{t}-{i}")).collect();
+                    let jobs: Vec<_> = payloads
+                        .iter()
+                        .map(|p| submit_while_locked(&core, p))
+                        .collect();
+                    for (job, p) in jobs.iter().zip(&payloads) {
+                        assert!(job.wait_for(Duration::from_secs(10), |v| v.ready()));
+                        let answer = p.trim_start_matches("echo:").as_bytes().to_vec();
+                        assert_eq!(job.take(0), Some(Outcome::Value(answer)));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        shut_down(&core);
+    }
+
+    #[test]
+    fn close_runs_tasks_left_in_the_inbox() {
+        let core = pool(1, None);
+        let job = submit_while_locked(&core, "echo:last");
+        core.close();
+        assert!(core.wait_finished(Duration::from_secs(10)));
+        assert_eq!(job.take(0), Some(Outcome::Value(b"last".to_vec())));
+        core.join_threads();
+    }
+
+    #[test]
+    fn terminate_fails_tasks_left_in_the_inbox() {
+        let core = pool(1, None);
+        let _long = core.new_job(Some(1), false).unwrap();
+        core.submit(&_long, 0, b"sleep:5000").unwrap();
+        let job = submit_while_locked(&core, "echo:never");
+        core.terminate();
+        assert!(job.wait_for(Duration::from_secs(10), |v| v.ready()));
+        assert!(matches!(job.take(0), Some(Outcome::Terminated(_))));
+        assert!(core.wait_finished(Duration::from_secs(10)));
         core.join_threads();
     }
 
