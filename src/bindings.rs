@@ -204,34 +204,39 @@ impl PyJob {
     /// object), 7 raised (the exception object), 8 value and 9 raised as `(pickle, memfd)`
     /// (rpool._shm; the caller closes the memfd, -1 if it could not be duplicated). `None` if not there (or already taken).
     fn take(&self, py: Python<'_>, part: usize) -> Option<(u8, Py<PyAny>)> {
-        self.inner.take(part).map(|outcome| match outcome {
-            Outcome::Value(b) => (0, PyBytes::new(py, &b).into_any().unbind()),
-            Outcome::Raised(b) => (1, PyBytes::new(py, &b).into_any().unbind()),
-            Outcome::WorkerLost(m) => (2, m.into_pyobject(py).unwrap().into_any().unbind()),
-            Outcome::Terminated(m) => (3, m.into_pyobject(py).unwrap().into_any().unbind()),
-            Outcome::TimedOut(m) => (4, m.into_pyobject(py).unwrap().into_any().unbind()),
-            Outcome::Cancelled => (5, py.None()),
-            Outcome::Object { ok, value } => {
-                let object = value
-                    .0
-                    .downcast_ref::<Py<PyAny>>()
-                    .map_or_else(|| py.None(), |o| o.clone_ref(py));
-                (if ok { 6 } else { 7 }, object)
+        self.inner
+            .take(part)
+            .map(|outcome| outcome_for_python(py, outcome))
+    }
+
+    /// Part `part`'s outcome decoded: `(True, value)` for a value, unpickled here (what nearly
+    /// every task returns), `(False, exception)` if unpickling it raised; any other outcome is
+    /// handed to `other(kind, data)` (as `take` gives them) and its answer returned. `None` if
+    /// not there (or already taken).
+    fn decode(
+        &self,
+        py: Python<'_>,
+        part: usize,
+        other: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        static LOADS: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+        let Some(outcome) = self.inner.take(part) else {
+            return Ok(None);
+        };
+        let decoded = match outcome {
+            Outcome::Value(pickled) => {
+                let loads = LOADS.import(py, "pickle", "loads")?;
+                match loads.call1((PyBytes::new(py, &pickled),)) {
+                    Ok(value) => (true, value.unbind()),
+                    Err(e) => (false, e.into_value(py).into_any()),
+                }
+                .into_pyobject(py)?
+                .into_any()
+                .unbind()
             }
-            Outcome::Shared {
-                ok,
-                pickle,
-                buffers,
-            } => {
-                // The caller gets its own descriptor to read the buffers from and close.
-                let fd = unsafe { libc::fcntl(buffers.0.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-                let data = (PyBytes::new(py, &pickle), fd);
-                (
-                    if ok { 8 } else { 9 },
-                    data.into_pyobject(py).unwrap().into_any().unbind(),
-                )
-            }
-        })
+            outcome => other.call1(outcome_for_python(py, outcome))?.unbind(),
+        };
+        Ok(Some(decoded))
     }
 
     /// Write to `fd` (a non-blocking eventfd, duplicated here) whenever a part finishes or the
@@ -265,6 +270,38 @@ impl PyJob {
     /// How messages name part `part` (`module.function (chunk 2 of 5)`).
     fn describe_part(&self, part: usize) -> String {
         self.inner.describe_part(part)
+    }
+}
+
+/// An outcome as `Job.take` hands it to Python: `(kind, data)`.
+fn outcome_for_python(py: Python<'_>, outcome: Outcome) -> (u8, Py<PyAny>) {
+    match outcome {
+        Outcome::Value(b) => (0, PyBytes::new(py, &b).into_any().unbind()),
+        Outcome::Raised(b) => (1, PyBytes::new(py, &b).into_any().unbind()),
+        Outcome::WorkerLost(m) => (2, m.into_pyobject(py).unwrap().into_any().unbind()),
+        Outcome::Terminated(m) => (3, m.into_pyobject(py).unwrap().into_any().unbind()),
+        Outcome::TimedOut(m) => (4, m.into_pyobject(py).unwrap().into_any().unbind()),
+        Outcome::Cancelled => (5, py.None()),
+        Outcome::Object { ok, value } => {
+            let object = value
+                .0
+                .downcast_ref::<Py<PyAny>>()
+                .map_or_else(|| py.None(), |o| o.clone_ref(py));
+            (if ok { 6 } else { 7 }, object)
+        }
+        Outcome::Shared {
+            ok,
+            pickle,
+            buffers,
+        } => {
+            // The caller gets its own descriptor to read the buffers from and close.
+            let fd = unsafe { libc::fcntl(buffers.0.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+            let data = (PyBytes::new(py, &pickle), fd);
+            (
+                if ok { 8 } else { 9 },
+                data.into_pyobject(py).unwrap().into_any().unbind(),
+            )
+        }
     }
 }
 

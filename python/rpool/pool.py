@@ -99,10 +99,14 @@ class RemoteError(Exception):
 
 def _decode(job: _rpool.Job, part: int) -> tuple[bool, Any]:
     """Turn part `part`'s outcome into `(success, value or exception)`."""
-    taken = job.take(part)
-    if taken is None:
+    decoded: tuple[bool, Any] | None = job.decode(part, _decode_other)  # a value: unpickled natively
+    if decoded is None:
         return False, RuntimeError("rpool: result was already taken")
-    kind, data = taken
+    return decoded
+
+
+def _decode_other(kind: int, data: Any) -> tuple[bool, Any]:
+    """`_decode` for an outcome other than a pickled value (see `Job.take` for the kinds)."""
     if kind == _VALUE:
         try:
             return True, pickle.loads(data)
@@ -210,9 +214,12 @@ class ApplyResult(Generic[T]):
                 self._settled = True
 
     def _run_callbacks(self) -> None:
-        """On rpool-callbacks: call the callback, then let waiters in."""
+        """On rpool-callbacks: call the callback, then let waiters in. Until then nothing else
+        settles a result that has callbacks (it is not ready), so no lock is needed here."""
         try:
-            self._settle()
+            if not self._settled:
+                self._success, self._value = self._collect()
+                self._settled = True
             callback = self._callback if self._success else self._error_callback
             if callback is not None:
                 try:
@@ -274,6 +281,10 @@ class MapResult(ApplyResult[list[T]]):
                 for part in finished:
                     if part not in early:
                         early[part] = _decode(job, part)
+
+    def _run_callbacks(self) -> None:
+        self._settle()  # under the lock: a waiting get() may be decoding parts (_decode_early)
+        super()._run_callbacks()
 
     def _collect(self) -> tuple[bool, Any]:
         values: list[Any] | None = []
