@@ -219,14 +219,16 @@ impl PyJob {
         part: usize,
         other: &Bound<'_, PyAny>,
     ) -> PyResult<Option<Py<PyAny>>> {
-        static LOADS: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
         let Some(outcome) = self.inner.take(part) else {
             return Ok(None);
         };
         let decoded = match outcome {
             Outcome::Value(pickled) => {
-                let loads = LOADS.import(py, "pickle", "loads")?;
-                match loads.call1((PyBytes::new(py, &pickled),)) {
+                let loaded = match crate::quick::loads_plain(py, &pickled) {
+                    Some(value) => Ok(value),
+                    None => crate::quick::pickle_loads(py)?.call1((PyBytes::new(py, &pickled),)),
+                };
+                match loaded {
                     Ok(value) => (true, value.unbind()),
                     Err(e) => (false, e.into_value(py).into_any()),
                 }

@@ -28,5 +28,6 @@ fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(shm::read_buffer, m)?)?;
     m.add_function(wrap_pyfunction!(shm::send_memfd, m)?)?;
     m.add_function(wrap_pyfunction!(quick::quick_dumps, m)?)?;
+    m.add_function(wrap_pyfunction!(quick::quick_loads, m)?)?;
     Ok(())
 }

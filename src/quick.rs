@@ -230,3 +230,158 @@ pub fn quick_dumps(
         }
     }
 }
+
+/// Reads back what `dumps_plain` writes, without an Unpickler (whose setup costs more than
+/// reading a small result). `None` for anything else, or anything malformed: `pickle.loads`
+/// then reads it, or raises its own error.
+pub fn loads_plain<'py>(py: Python<'py>, data: &[u8]) -> Option<Bound<'py, PyAny>> {
+    let mut r = Reader { data, at: 0 };
+    if r.take(2)? != [PROTO, 5] {
+        return None;
+    }
+    let mut stack: Vec<Bound<'py, PyAny>> = Vec::new();
+    let mut marks: Vec<usize> = Vec::new();
+    loop {
+        let op = r.byte()?;
+        let object = match op {
+            STOP => {
+                return (stack.len() == 1 && r.at == data.len()).then(|| stack.pop())?;
+            }
+            NONE => py.None().into_bound(py),
+            NEWTRUE => PyBool::new(py, true).to_owned().into_any(),
+            NEWFALSE => PyBool::new(py, false).to_owned().into_any(),
+            BININT1 => r.byte()?.into_pyobject(py).ok()?.into_any(),
+            BININT2 => u16::from_le_bytes(r.array()?)
+                .into_pyobject(py)
+                .ok()?
+                .into_any(),
+            BININT => i32::from_le_bytes(r.array()?)
+                .into_pyobject(py)
+                .ok()?
+                .into_any(),
+            LONG1 => {
+                let n = r.byte()? as usize;
+                let bytes = r.take(n)?;
+                if n == 0 || n > 8 {
+                    return None;
+                }
+                // Sign-extend the little-endian two's complement to 64 bits.
+                let fill = if bytes[n - 1] & 0x80 != 0 { 0xff } else { 0 };
+                let mut full = [fill; 8];
+                full[..n].copy_from_slice(bytes);
+                i64::from_le_bytes(full).into_pyobject(py).ok()?.into_any()
+            }
+            BINFLOAT => f64::from_be_bytes(r.array()?)
+                .into_pyobject(py)
+                .ok()?
+                .into_any(),
+            SHORT_BINUNICODE | BINUNICODE => {
+                let text = std::str::from_utf8(r.sized(op == SHORT_BINUNICODE)?).ok()?;
+                PyString::new(py, text).into_any()
+            }
+            SHORT_BINBYTES | BINBYTES => {
+                PyBytes::new(py, r.sized(op == SHORT_BINBYTES)?).into_any()
+            }
+            EMPTY_TUPLE => PyTuple::empty(py).into_any(),
+            TUPLE1 | TUPLE2 | TUPLE3 => {
+                let n = (op - TUPLE1 + 1) as usize;
+                let items = stack.split_off(stack.len().checked_sub(n)?);
+                PyTuple::new(py, items).ok()?.into_any()
+            }
+            MARK => {
+                marks.push(stack.len());
+                continue;
+            }
+            TUPLE => {
+                let items = pop_to_mark(&mut stack, &mut marks)?;
+                PyTuple::new(py, items).ok()?.into_any()
+            }
+            EMPTY_LIST => PyList::empty(py).into_any(),
+            EMPTY_DICT => PyDict::new(py).into_any(),
+            APPENDS => {
+                let items = pop_to_mark(&mut stack, &mut marks)?;
+                let top = stack.last_mut()?;
+                let list = top.downcast_exact::<PyList>().ok()?;
+                if list.is_empty() {
+                    // What `dumps_plain` writes: the list made at its full size at once.
+                    *top = PyList::new(py, items).ok()?.into_any();
+                } else {
+                    for item in items {
+                        list.append(item).ok()?;
+                    }
+                }
+                continue;
+            }
+            SETITEMS => {
+                let items = pop_to_mark(&mut stack, &mut marks)?;
+                if items.len() % 2 != 0 {
+                    return None;
+                }
+                let dict = stack.last()?.downcast_exact::<PyDict>().ok()?;
+                let mut pairs = items.into_iter();
+                while let (Some(key), Some(value)) = (pairs.next(), pairs.next()) {
+                    dict.set_item(key, value).ok()?;
+                }
+                continue;
+            }
+            _ => return None,
+        };
+        stack.push(object);
+    }
+}
+
+/// The objects pushed since the last MARK (None if there is no mark, or it is out of reach).
+fn pop_to_mark<'py>(
+    stack: &mut Vec<Bound<'py, PyAny>>,
+    marks: &mut Vec<usize>,
+) -> Option<Vec<Bound<'py, PyAny>>> {
+    let mark = marks.pop()?;
+    (mark <= stack.len()).then(|| stack.split_off(mark))
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let bytes = self.data.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(bytes)
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+
+    /// A length (one byte if `short`, else four) and that many bytes.
+    fn sized(&mut self, short: bool) -> Option<&'a [u8]> {
+        let n = if short {
+            self.byte()? as usize
+        } else {
+            u32::from_le_bytes(self.array()?) as usize
+        };
+        self.take(n)
+    }
+}
+
+/// `quick_loads(data)`: `pickle.loads(data)`, read natively when `data` is what `quick_dumps`
+/// writes for plain data.
+#[pyfunction]
+pub fn quick_loads<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    match loads_plain(py, data) {
+        Some(object) => Ok(object),
+        None => pickle_loads(py)?.call1((PyBytes::new(py, data),)),
+    }
+}
+
+/// `pickle.loads`, looked up once.
+pub fn pickle_loads(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    static LOADS: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+    LOADS.import(py, "pickle", "loads")
+}

@@ -1,5 +1,5 @@
 """rpool pickles plain data (None, bool, int, float, str, bytes, tuple, list, dict) natively
-for every task and result. What it writes must unpickle to what pickle's own output does, and
+for every task and result, and reads it back natively (`quick_loads`, else `pickle.loads`). What it writes must unpickle to what pickle's own output does, and
 it must leave to pickle what it cannot write exactly: subclasses, huge ints, lone surrogates,
 and lists or dicts met twice (pickle keeps them one object)."""
 
@@ -11,7 +11,7 @@ import pytest
 
 import tasks
 from rpool import _shm
-from rpool._rpool import quick_dumps
+from rpool._rpool import quick_dumps, quick_loads
 
 LARGE = 1 << 20
 
@@ -119,3 +119,31 @@ def test_a_list_passed_twice_stays_one_list_in_the_worker(make_pool):
     assert expected[1][1][1] == ("same as", 1)
     assert pool.apply(tasks.shares_and_types, ([inner, inner],)) == expected
     assert pool.apply(tasks.identity, ([inner, inner],)) == [inner, inner]
+
+
+@pytest.mark.parametrize("obj", PLAIN, ids=lambda o: repr(o)[:30])
+def test_quick_loads_reads_what_quick_dumps_writes(obj):
+    data = quick_dumps(obj, LARGE, 16)
+    assert _same(quick_loads(data), pickle.loads(data))
+
+
+@pytest.mark.parametrize("obj", PLAIN + NOT_PLAIN, ids=lambda o: repr(o)[:30])
+def test_quick_loads_reads_any_pickle(obj):
+    # What pickle itself wrote (frames, memo entries, other opcodes) goes to pickle.loads.
+    for protocol in (2, 5):
+        data = pickle.dumps(obj, protocol)
+        assert _same(quick_loads(data), pickle.loads(data))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x80\x05", b"\x80\x05K", b"\x80\x05K\x01K\x02", b"\x80\x05K\x01(\x86.", b"\x80\x05e.", b"\x80\x05(K\x01K\x02\x86t."],
+)
+def test_quick_loads_of_a_broken_pickle_does_as_pickle_does(data):
+    try:
+        expected = pickle.loads(data)
+    except Exception as exc:
+        with pytest.raises(type(exc)):
+            quick_loads(data)
+    else:
+        assert _same(quick_loads(data), expected)

@@ -14,6 +14,7 @@ import sys
 from multiprocessing import process
 
 from . import _shm
+from ._rpool import quick_loads
 
 # Everything else is imported where it is used: an exec'd worker and the fork server import
 # this module first thing, and each module here adds to every worker's start-up. The process
@@ -103,10 +104,10 @@ def execute(
     """
     try:
         if func is not None:
-            args, kwds = pickle.loads(payload)
+            args, kwds = quick_loads(payload)  # plain arguments: read natively
         elif func_pickle is not None:
             func = pickle.loads(func_pickle)
-            args, kwds = pickle.loads(payload)
+            args, kwds = quick_loads(payload)
         else:
             func, args, kwds = pickle.loads(payload)
         result = func(*args, **kwds)

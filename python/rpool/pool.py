@@ -681,7 +681,7 @@ def _pack_part(
         payload: bytes = pack(call, func, functools.partial(_input_items, chunk, start))
         return payload
     if ranged:
-        return pickle.dumps(((item.start, item.stop, item.step), {}), pickle.HIGHEST_PROTOCOL)
+        return _shm.dumps(((item.start, item.stop, item.step), {}))
     try:
         return _shm.dumps(((item,), {}))
     except Exception as exc:
