@@ -239,7 +239,8 @@ pub fn loads_plain<'py>(py: Python<'py>, data: &[u8]) -> Option<Bound<'py, PyAny
     if r.take(2)? != [PROTO, 5] {
         return None;
     }
-    let mut stack: Vec<Bound<'py, PyAny>> = Vec::new();
+    // Every object takes at least two bytes: room for all at once, not a regrowth per doubling.
+    let mut stack: Vec<Bound<'py, PyAny>> = Vec::with_capacity((data.len() / 2).min(4096));
     let mut marks: Vec<usize> = Vec::new();
     loop {
         let op = r.byte()?;
