@@ -518,35 +518,46 @@ class _SequenceFeed:
         with self._lock:
             if self._sealed:
                 return
-            core, job, size, items, mapper = self._core, self._job, self._chunksize, self._items, self._mapper
-            end = min(upto, self._parts)
-            first, batch, most = self.submitted, [], (1 if self.submitted == 0 else end)
+            size, items, mapper = self._chunksize, self._items, self._mapper
+            batch: list[bytes] = []
+            most = 1 if self.submitted == 0 else upto
             try:
-                for part in range(self.submitted, end):
+                for part in range(self.submitted, min(upto, self._parts)):
                     start = part * size
                     item = items[start : start + size] if mapper else items[start]
-                    if self._sizes is not None:
-                        self._sizes.append(len(item) if mapper else 1)
                     try:
                         batch.append(_pack_part(self._pack, self._pickled, self._ranged, self._func, mapper, item, start))
                     except Exception as exc:
-                        _submit_batch(core, job, first, batch, self._pickled)
-                        core.fail_part(job, part, _dumps(exc))
-                        first, batch = part + 1, []
+                        self._submit(batch)
+                        self._submit([], failure=_dumps(exc))
+                        batch = []
                         continue
                     if len(batch) >= most:
-                        _submit_batch(core, job, first, batch, self._pickled)
-                        first, batch, most = part + 1, [], min(2 * most, 256)
-                _submit_batch(core, job, first, batch, self._pickled)
+                        self._submit(batch)
+                        batch, most = [], min(2 * most, 256)
+                self._submit(batch)
             except ValueError as exc:  # terminated meanwhile: what was not submitted never runs
                 if str(exc) != "Pool not running":
                     raise
-                self.submitted = first
                 self._seal()
                 return
-            self.submitted = end
-            if end == self._parts:
+            if self.submitted == self._parts:
                 self._seal()
+
+    def _submit(self, batch: list[bytes], failure: bytes | None = None) -> None:
+        """Submit `batch` as the next parts, or with `failure` fail the next part with it."""
+        count = 1 if failure is not None else len(batch)
+        if count == 0:
+            return
+        first = self.submitted
+        if self._sizes is not None:  # the progress bar's item counts, before the parts can end
+            total = len(self._items)
+            self._sizes.extend(min(self._chunksize, total - p * self._chunksize) for p in range(first, first + count))
+        if failure is not None:
+            self._core.fail_part(self._job, first, failure)
+        else:
+            _submit_batch(self._core, self._job, first, batch, self._pickled)
+        self.submitted += count
 
     def _seal(self) -> None:
         self._sealed = True
