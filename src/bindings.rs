@@ -853,6 +853,53 @@ impl PoolCore {
         self.submit_many(job, part, vec![payload.clone()], callable, reusable)
     }
 
+    /// `submit_many` for parts `first` to `first + count - 1` of a map over a range of `length`
+    /// items from `start` by `step`, in chunks of `size` items: each part's payload is its
+    /// chunk's `((start, stop, step), {})` for `rangestar` (the reusable `callable`), written
+    /// here rather than sliced and pickled one by one in Python.
+    #[allow(clippy::too_many_arguments)]
+    fn submit_range_chunks(
+        &self,
+        job: &PyJob,
+        first: usize,
+        start: i64,
+        step: i64,
+        length: usize,
+        size: usize,
+        count: usize,
+        callable: &[u8],
+    ) -> PyResult<()> {
+        let bound = |index: usize| {
+            i64::try_from(index.min(length))
+                .ok()
+                .and_then(|i| i.checked_mul(step))
+                .and_then(|offset| offset.checked_add(start))
+        };
+        let payloads = (first..first + count)
+            .map(|part| {
+                let (lo, hi) = (
+                    bound(part.checked_mul(size)?)?,
+                    bound((part + 1).checked_mul(size)?)?,
+                );
+                Some(crate::quick::range_chunk_call(lo, hi, step))
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                pyo3::exceptions::PyOverflowError::new_err("range bounds out of 64-bit range")
+            })?;
+        let parts = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, payload)| TaskPart {
+                part: first + i,
+                callable: Callable::Reusable(callable),
+                payload,
+                buffers: None,
+            })
+            .collect();
+        Ok(self.core.submit_parts(&job.inner, parts)?)
+    }
+
     /// `submit` for parts `first`, `first + 1`, ... of `job`, one payload each, all with the
     /// same callable: queued together, so that they reach the workers in few writes.
     #[pyo3(signature = (job, first, payloads, callable=None, reusable=false))]

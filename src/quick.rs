@@ -386,3 +386,20 @@ pub fn pickle_loads(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
     static LOADS: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
     LOADS.import(py, "pickle", "loads")
 }
+
+/// The pickle of `((start, stop, step), {})`: the arguments of `rangestar` for one chunk of a
+/// range, as `dumps_plain` writes them.
+pub fn range_chunk_call(start: i64, stop: i64, step: i64) -> Vec<u8> {
+    let mut w = Writer {
+        out: Vec::with_capacity(40),
+        objects: 0,
+        large: usize::MAX,
+        containers: Vec::new(),
+    };
+    w.out.extend_from_slice(&[PROTO, 5]);
+    for v in [start, stop, step] {
+        w.int(v);
+    }
+    w.out.extend_from_slice(&[TUPLE3, EMPTY_DICT, TUPLE2, STOP]);
+    w.out
+}

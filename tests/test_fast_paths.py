@@ -75,6 +75,10 @@ def test_functions_and_builtins_by_name_give_the_same_results(make_pool):
         range(50, -50, -3),
         range(0),
         range(1),
+        # Bounds near and past 2**62: the core writes chunk bounds only well inside 64 bits.
+        range(2**62 - 20, 2**62 + 20, 3),
+        range(-(2**63) - 5, -(2**63) + 5),
+        range(2**64, 2**64 - 40, -9),
         list(range(31)),
         tuple(range(-8, 9)),
         [],
@@ -87,6 +91,7 @@ def test_map_over_sliceable_inputs(make_pool_fork, data, chunksize):
     assert pool.map(tasks.square, data, chunksize) == [x * x for x in data]
     assert pool.map_async(tasks.identity, data, chunksize).get(timeout=30) == list(data)
     assert sorted(pool.imap_unordered(tasks.square, data, chunksize or 1)) == sorted(x * x for x in data)
+    assert list(pool.imap(tasks.identity, data, chunksize or 1)) == list(data)
     pairs = [(x, x + 1) for x in data]
     assert pool.starmap(tasks.mul, pairs, chunksize) == [x * (x + 1) for x in data]
 

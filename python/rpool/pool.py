@@ -500,6 +500,7 @@ class _SequenceFeed:
         self._func = func
         self._mapper = mapstar if chunksize != 1 else None
         self._pickled, self._ranged = _job_callable(func, self._mapper, items, pool._sends_by_name)
+        self._native = _native_range(items, self._ranged, self._pickled)
         self._items = items
         self._chunksize = chunksize
         self._parts = -(-len(items) // chunksize)
@@ -518,24 +519,13 @@ class _SequenceFeed:
         with self._lock:
             if self._sealed:
                 return
-            size, items, mapper = self._chunksize, self._items, self._mapper
-            batch: list[bytes] = []
-            most = 1 if self.submitted == 0 else upto
+            end = min(upto, self._parts)
             try:
-                for part in range(self.submitted, min(upto, self._parts)):
-                    start = part * size
-                    item = items[start : start + size] if mapper else items[start]
-                    try:
-                        batch.append(_pack_part(self._pack, self._pickled, self._ranged, self._func, mapper, item, start))
-                    except Exception as exc:
-                        self._submit(batch)
-                        self._submit([], failure=_dumps(exc))
-                        batch = []
-                        continue
-                    if len(batch) >= most:
-                        self._submit(batch)
-                        batch, most = [], min(2 * most, 256)
-                self._submit(batch)
+                if self._native:
+                    while self.submitted < end:
+                        self._submit([], count=1 if self.submitted == 0 else end - self.submitted)
+                else:
+                    self._pack_and_submit(end)
             except ValueError as exc:  # terminated meanwhile: what was not submitted never runs
                 if str(exc) != "Pool not running":
                     raise
@@ -544,17 +534,39 @@ class _SequenceFeed:
             if self.submitted == self._parts:
                 self._seal()
 
-    def _submit(self, batch: list[bytes], failure: bytes | None = None) -> None:
-        """Submit `batch` as the next parts, or with `failure` fail the next part with it."""
-        count = 1 if failure is not None else len(batch)
+    def _pack_and_submit(self, end: int) -> None:
+        """Pickle and submit the parts before `end`; one that cannot be pickled fails alone."""
+        size, items, mapper = self._chunksize, self._items, self._mapper
+        batch: list[bytes] = []
+        most = 1 if self.submitted == 0 else end
+        for part in range(self.submitted, end):
+            start = part * size
+            item = items[start : start + size] if mapper else items[start]
+            try:
+                batch.append(_pack_part(self._pack, self._pickled, self._ranged, self._func, mapper, item, start))
+            except Exception as exc:
+                self._submit(batch)
+                self._submit([], failure=_dumps(exc))
+                batch = []
+                continue
+            if len(batch) >= most:
+                self._submit(batch)
+                batch, most = [], min(2 * most, 256)
+        self._submit(batch)
+
+    def _submit(self, batch: list[bytes], failure: bytes | None = None, count: int = 0) -> None:
+        """Submit `batch` as the next parts; with `failure`, fail the next part with it; with
+        `count` (and a native range), have the core write the next `count` parts."""
+        count = 1 if failure is not None else count or len(batch)
         if count == 0:
             return
         first = self.submitted
         if self._sizes is not None:  # the progress bar's item counts, before the parts can end
-            total = len(self._items)
-            self._sizes.extend(min(self._chunksize, total - p * self._chunksize) for p in range(first, first + count))
+            self._sizes.extend(_chunk_lengths(len(self._items), self._chunksize, first + count)[first:])
         if failure is not None:
             self._core.fail_part(self._job, first, failure)
+        elif self._native:
+            _submit_range_chunks(self._core, self._job, first, count, self._items, self._chunksize, self._pickled)  # type: ignore[arg-type]
         else:
             _submit_batch(self._core, self._job, first, batch, self._pickled)
         self.submitted += count
@@ -708,6 +720,29 @@ def _submit_batch(core: Any, job: _rpool.Job, first: int, batch: list[bytes], pi
         core.submit_many(job, first, batch)
     else:
         core.submit_many(job, first, batch, pickled, True)
+
+
+# A range whose bounds stay well inside 64 bits has its chunks' rangestar arguments written by
+# the core (`submit_range_chunks`), not sliced and pickled here one chunk at a time.
+_NATIVE_RANGE_LIMIT = 1 << 62
+
+
+def _native_range(items: object, ranged: bool, pickled: bytes | None) -> bool:
+    if not ranged or pickled is None or type(items) is not range:
+        return False
+    return all(-_NATIVE_RANGE_LIMIT < v < _NATIVE_RANGE_LIMIT for v in (items.start, items.stop, items.step))
+
+
+def _submit_range_chunks(
+    core: Any, job: _rpool.Job, first: int, count: int, items: range, size: int, pickled: bytes
+) -> None:
+    """Submit parts `first` to `first + count - 1` of a map over `items` in chunks of `size`."""
+    core.submit_range_chunks(job, first, items.start, items.step, len(items), size, count, pickled)
+
+
+def _chunk_lengths(total: int, size: int, count: int) -> list[int]:
+    """How many items each of `count` chunks of `size` holds, of `total` items."""
+    return [min(size, total - part * size) for part in range(count)]
 
 
 def _slices(iterable: Sequence[Any], size: int, ranges: bool) -> list[tuple[int, Sequence[Any]]]:
@@ -1083,20 +1118,28 @@ class Pool:
         elif chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         pickled, ranged = _job_callable(func, mapper, iterable, self._sends_by_name)
-        chunks = _slices(iterable, max(chunksize, 1), ranged)  # type: ignore[arg-type]
+        size, total = max(chunksize, 1), len(iterable)  # type: ignore[arg-type]
+        native = _native_range(iterable, ranged, pickled)
+        chunks = [] if native else _slices(iterable, size, ranged)  # type: ignore[arg-type]
+        count = -(-total // size) if native else len(chunks)
         has_callbacks = callback is not None or error_callback is not None
-        bar = _open_bar(progress, len(iterable), func)  # type: ignore[arg-type]
-        job = self._core.new_job(len(chunks), has_callbacks, _label(func), limit)
-        result: MapResult[Any] = MapResult(job, len(chunks), callback, error_callback)
+        bar = _open_bar(progress, total, func)
+        job = self._core.new_job(count, has_callbacks, _label(func), limit)
+        result: MapResult[Any] = MapResult(job, count, callback, error_callback)
         if bar is not None:
-            result._progress = _tracker(job, bar, [len(chunk) for _, chunk in chunks])
-        if not chunks:
+            result._progress = _tracker(job, bar, _chunk_lengths(total, size, count))
+        if not count:
             # As the stdlib: an empty map is ready at once, and its callback is not called.
             job.mark_ready()
             return result
         if has_callbacks:
             self._cache[job.id] = result
-        self._submit_chunks(job, func, mapper, chunks, pickled, ranged)
+        if native:
+            # The first chunk alone, so that a worker starts while the core writes the rest.
+            _submit_range_chunks(self._core, job, 0, 1, iterable, size, pickled)  # type: ignore[arg-type]
+            _submit_range_chunks(self._core, job, 1, count - 1, iterable, size, pickled)  # type: ignore[arg-type]
+        else:
+            self._submit_chunks(job, func, mapper, chunks, pickled, ranged)
         return result
 
     def _submit_chunks(
