@@ -562,7 +562,7 @@ class _SequenceFeed:
             return
         first = self.submitted
         if self._sizes is not None:  # the progress bar's item counts, before the parts can end
-            self._sizes.extend(_chunk_lengths(len(self._items), self._chunksize, first + count)[first:])
+            self._sizes.extend(_chunk_lengths(len(self._items), self._chunksize, first, count))
         if failure is not None:
             self._core.fail_part(self._job, first, failure)
         elif self._native:
@@ -740,9 +740,9 @@ def _submit_range_chunks(
     core.submit_range_chunks(job, first, items.start, items.step, len(items), size, count, pickled)
 
 
-def _chunk_lengths(total: int, size: int, count: int) -> list[int]:
-    """How many items each of `count` chunks of `size` holds, of `total` items."""
-    return [min(size, total - part * size) for part in range(count)]
+def _chunk_lengths(total: int, size: int, first: int, count: int) -> list[int]:
+    """How many items chunks `first` to `first + count - 1` hold, `total` items in chunks of `size`."""
+    return [min(size, total - part * size) for part in range(first, first + count)]
 
 
 def _slices(iterable: Sequence[Any], size: int, ranges: bool) -> list[tuple[int, Sequence[Any]]]:
@@ -1127,7 +1127,7 @@ class Pool:
         job = self._core.new_job(count, has_callbacks, _label(func), limit)
         result: MapResult[Any] = MapResult(job, count, callback, error_callback)
         if bar is not None:
-            result._progress = _tracker(job, bar, _chunk_lengths(total, size, count))
+            result._progress = _tracker(job, bar, _chunk_lengths(total, size, 0, count))
         if not count:
             # As the stdlib: an empty map is ready at once, and its callback is not called.
             job.mark_ready()
