@@ -315,6 +315,9 @@ fn outcome_for_python(py: Python<'_>, outcome: Outcome) -> (u8, Py<PyAny>) {
 #[pyclass(frozen, subclass, module = "rpool._rpool")]
 pub struct ItemQueue {
     items: Mutex<QueuedChunks>,
+    /// For `imap_unordered` in chunks: its job, and what to call per part yielded. With it,
+    /// `__next__` decodes a chunk that finished with a value itself, without `_refill`.
+    source: std::sync::OnceLock<(Arc<job::Job>, Py<PyAny>)>,
 }
 
 #[derive(Default)]
@@ -334,14 +337,28 @@ impl ItemQueue {
     ) -> Self {
         ItemQueue {
             items: Mutex::new(QueuedChunks::default()),
+            source: std::sync::OnceLock::new(),
         }
     }
 
     fn __next__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
-        if let Some(item) = slf.get().pop(slf.py()) {
+        let py = slf.py();
+        let queue = slf.get();
+        if let Some(item) = queue.pop(py) {
             return Ok(item);
         }
+        if queue.refill_from_source(py)? {
+            if let Some(item) = queue.pop(py) {
+                return Ok(item);
+            }
+        }
         slf.call_method0("_refill").map(Bound::unbind)
+    }
+
+    /// Let `__next__` decode the chunks of `job` that finished with a value, in finishing
+    /// order, calling `part_yielded()` after each; errors, waits and the end stay `_refill`'s.
+    fn _decode_finished_chunks(&self, job: &PyJob, part_yielded: Py<PyAny>) {
+        let _ = self.source.set((job.inner.clone(), part_yielded));
     }
 
     /// Queue the items of `chunk` behind those left.
@@ -370,6 +387,25 @@ impl ItemQueue {
 impl ItemQueue {
     fn lock(&self) -> std::sync::MutexGuard<'_, QueuedChunks> {
         self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue the next chunk that finished with a value, if there is one (see `source`).
+    /// Returns whether it queued one; an error is the chunk's own (it could not be unpickled).
+    fn refill_from_source(&self, py: Python<'_>) -> PyResult<bool> {
+        let Some((job, part_yielded)) = self.source.get() else {
+            return Ok(false);
+        };
+        let Some(pickled) = job.take_next_value() else {
+            return Ok(false);
+        };
+        let decoded = match crate::quick::loads_plain(py, &pickled) {
+            Some(value) => Ok(value),
+            None => crate::quick::pickle_loads(py)?.call1((PyBytes::new(py, &pickled),)),
+        };
+        // Counted as yielded, as `_refill` counts a part, before its items or its error go out.
+        part_yielded.call0(py)?;
+        self._extend(&decoded?)?;
+        Ok(true)
     }
 
     fn pop(&self, py: Python<'_>) -> Option<Py<PyAny>> {

@@ -265,7 +265,26 @@ impl Job {
 
     /// Take part `part`'s outcome (each outcome is handed out once, so the pool keeps no copy).
     pub fn take(&self, part: usize) -> Option<Outcome> {
+        Self::take_locked(&mut self.lock(), part)
+    }
+
+    /// Pop the next part in finishing order and take its outcome, if that part finished with a
+    /// pickled value; anything else stays for `pop_finished`.
+    pub fn take_next_value(&self) -> Option<Vec<u8>> {
         let mut p = self.lock();
+        let &part = p.finish_order.front()?;
+        let index = part.checked_sub(p.base)?;
+        if !matches!(p.slots.get(index), Some(Slot::Done(Outcome::Value(_)))) {
+            return None;
+        }
+        p.finish_order.pop_front();
+        match Self::take_locked(&mut p, part) {
+            Some(Outcome::Value(pickled)) => Some(pickled),
+            _ => unreachable!("checked above"),
+        }
+    }
+
+    fn take_locked(p: &mut Parts, part: usize) -> Option<Outcome> {
         let index = part.checked_sub(p.base)?;
         let slot = p.slots.get_mut(index)?;
         if !matches!(slot, Slot::Done(_)) {

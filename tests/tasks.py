@@ -197,6 +197,10 @@ def return_fails_to_unpickle(_=None):
     return FailsToUnpickle()
 
 
+def fails_to_unpickle_if_2(x):
+    return FailsToUnpickle() if x == 2 else x
+
+
 class NeedsTwoArgsError(Exception):
     """Pickles fine, but unpickling calls cls(*args) with one arg -> TypeError."""
 

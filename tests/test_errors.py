@@ -379,3 +379,21 @@ def test_imap_unpicklable_input_item_fails_its_chunk(make_pool):
         for x in pool.imap(tasks.identity, [1, 2, threading.Lock(), 4, 5], 2):
             got.append(x)
     assert got == [1, 2]
+
+
+def test_rpool_imap_unordered_chunk_that_fails_to_unpickle_fails_alone(make_rpool):
+    # Chunks of three: the one holding 2 comes back with an object the parent cannot rebuild.
+    pool = make_rpool()
+    it = pool.imap_unordered(tasks.fails_to_unpickle_if_2, range(9), 3)
+    got, errors = [], []
+    while True:
+        try:
+            # Both ways of asking: next() (served natively) and .next(timeout).
+            got.append(it.next(timeout=T) if len(got) % 2 else next(it))
+        except StopIteration:
+            break
+        except ValueError as exc:
+            errors.append(str(exc))
+    assert sorted(got) == [3, 4, 5, 6, 7, 8]
+    assert errors == ["cannot rebuild this result in the parent"]
+    assert pool.apply(tasks.square, (3,)) == 9

@@ -578,10 +578,12 @@ class _SequenceFeed:
         self._registry.discard(self)
 
     def part_yielded(self) -> bool:
-        """On the caller (under the iterator's lock), per part yielded: top up the parts ahead.
-        Returns False: no feeder thread waits for the GIL."""
-        self.yielded += 1
-        if self.submitted - self.yielded <= self.limit // 2 and not self._sealed:
+        """On a thread taking results, per part yielded: top up the parts ahead. Returns
+        False: no feeder thread waits for the GIL."""
+        with self._lock:
+            self.yielded += 1
+            due = self.submitted - self.yielded <= self.limit // 2 and not self._sealed
+        if due:
             self.feed(self.yielded + self.limit)
         return False
 
@@ -1237,6 +1239,9 @@ class Pool:
             result: IMapIterator[Any] = IMapIterator(job, ordered, chunked=chunksize != 1, read_ahead=feed)
             if bar is not None:
                 result._progress = _tracker(job, bar, sizes)
+            elif not ordered and chunksize != 1:
+                # Its __next__ decodes chunks that finished with a value itself, in any order.
+                result._decode_finished_chunks(job, feed.part_yielded)
             feed.feed(limit)
             return result
         read_ahead = _ReadAhead(limit, self)
