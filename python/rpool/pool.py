@@ -107,11 +107,6 @@ def _decode(job: _rpool.Job, part: int) -> tuple[bool, Any]:
 
 def _decode_other(kind: int, data: Any) -> tuple[bool, Any]:
     """`_decode` for an outcome other than a pickled value (see `Job.take` for the kinds)."""
-    if kind == _VALUE:
-        try:
-            return True, pickle.loads(data)
-        except Exception as exc:
-            return False, exc
     if kind == _RAISED:
         try:
             return False, pickle.loads(data)
