@@ -198,17 +198,39 @@ impl Writer {
 /// The pickle of `obj` if it is plain data; `large` is the size from which a `bytes` or
 /// `bytearray` must go through shared memory instead.
 pub fn dumps_plain(obj: &Bound<'_, PyAny>, large: usize) -> Result<Vec<u8>, Refused> {
+    let mut out = Vec::with_capacity(64);
+    dumps_plain_into(&mut out, obj, large)?;
+    Ok(out)
+}
+
+/// `dumps_plain`, written into `out` (cleared first).
+fn dumps_plain_into(
+    out: &mut Vec<u8>,
+    obj: &Bound<'_, PyAny>,
+    large: usize,
+) -> Result<(), Refused> {
+    out.clear();
     let mut w = Writer {
-        out: Vec::with_capacity(64),
+        out: std::mem::take(out),
         objects: 0,
         large,
         containers: Vec::new(),
     };
     w.out.extend_from_slice(&[PROTO, 5]);
-    w.write(obj, 0)?;
+    let written = w.write(obj, 0);
     w.out.push(STOP);
-    Ok(w.out)
+    *out = w.out;
+    written
 }
+
+thread_local! {
+    /// `quick_dumps`'s buffer, kept between calls: the pickle is copied into its `bytes` anyway,
+    /// and a buffer per call was one more malloc per task on the submitting thread.
+    static OUT: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(256));
+}
+
+/// A buffer this big is not kept for the next call.
+const KEPT_OUT: usize = 64 << 10;
 
 /// `quick_dumps(obj, min_size, budget)`: the pickle of `obj` as `bytes` if it is plain data
 /// (see the module); else whether it holds a buffer of at least `min_size` bytes (as
@@ -221,8 +243,18 @@ pub fn quick_dumps(
     min_size: usize,
     budget: usize,
 ) -> Py<PyAny> {
-    match dumps_plain(obj, min_size) {
-        Ok(data) => PyBytes::new(py, &data).into_any().unbind(),
+    let written = OUT.with(|cell| {
+        let Ok(mut out) = cell.try_borrow_mut() else {
+            return dumps_plain(obj, min_size).map(|data| PyBytes::new(py, &data));
+        };
+        let written = dumps_plain_into(&mut out, obj, min_size).map(|()| PyBytes::new(py, &out));
+        if out.capacity() > KEPT_OUT {
+            *out = Vec::with_capacity(256);
+        }
+        written
+    });
+    match written {
+        Ok(data) => data.into_any().unbind(),
         Err(Refused::LargeBuffer) => PyBool::new(py, true).to_owned().into_any().unbind(),
         Err(Refused::NotPlain) => {
             let holds = crate::shm::holds_large_buffer(obj, min_size, budget);
