@@ -223,19 +223,13 @@ impl PyJob {
             return Ok(None);
         };
         let decoded = match outcome {
-            Outcome::Value(pickled) => {
-                let loaded = match crate::quick::loads_plain(py, &pickled) {
-                    Some(value) => Ok(value),
-                    None => crate::quick::pickle_loads(py)?.call1((PyBytes::new(py, &pickled),)),
-                };
-                match loaded {
-                    Ok(value) => (true, value.unbind()),
-                    Err(e) => (false, e.into_value(py).into_any()),
-                }
-                .into_pyobject(py)?
-                .into_any()
-                .unbind()
+            Outcome::Value(pickled) => match crate::quick::loads(py, &pickled) {
+                Ok(value) => (true, value.unbind()),
+                Err(e) => (false, e.into_value(py).into_any()),
             }
+            .into_pyobject(py)?
+            .into_any()
+            .unbind(),
             outcome => other.call1(outcome_for_python(py, outcome))?.unbind(),
         };
         Ok(Some(decoded))
@@ -398,10 +392,7 @@ impl ItemQueue {
         let Some(pickled) = job.take_next_value() else {
             return Ok(false);
         };
-        let decoded = match crate::quick::loads_plain(py, &pickled) {
-            Some(value) => Ok(value),
-            None => crate::quick::pickle_loads(py)?.call1((PyBytes::new(py, &pickled),)),
-        };
+        let decoded = crate::quick::loads(py, &pickled);
         // Counted as yielded, as `_refill` counts a part, before its items or its error go out.
         part_yielded.call0(py)?;
         self._extend(&decoded?)?;

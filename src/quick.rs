@@ -407,6 +407,11 @@ impl<'a> Reader<'a> {
 /// writes for plain data.
 #[pyfunction]
 pub fn quick_loads<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    loads(py, data)
+}
+
+/// `pickle.loads(data)`, read natively when `data` is what `dumps_plain` writes.
+pub fn loads<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
     match loads_plain(py, data) {
         Some(object) => Ok(object),
         None => pickle_loads(py)?.call1((PyBytes::new(py, data),)),
@@ -414,7 +419,7 @@ pub fn quick_loads<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyA
 }
 
 /// `pickle.loads`, looked up once.
-pub fn pickle_loads(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+fn pickle_loads(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
     static LOADS: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
     LOADS.import(py, "pickle", "loads")
 }
