@@ -26,6 +26,7 @@ fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bindings::forward_log, m)?)?;
     m.add_function(wrap_pyfunction!(bindings::reset_log_cache, m)?)?;
     m.add_function(wrap_pyfunction!(shm::read_buffer, m)?)?;
+    m.add_function(wrap_pyfunction!(shm::write_buffer, m)?)?;
     m.add_function(wrap_pyfunction!(shm::send_memfd, m)?)?;
     m.add_function(wrap_pyfunction!(quick::quick_dumps, m)?)?;
     m.add_function(wrap_pyfunction!(quick::quick_loads, m)?)?;

@@ -58,6 +58,17 @@ def open_memfds():
     return found
 
 
+def mapped_memfds():
+    """`(address range, file)` of each mapping of an rpool shared-memory file in this process."""
+    found = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/memfd:rpool-buffers"):
+                found.append((fields[0], fields[5].strip()))
+    return found
+
+
 def memfd_links(_=None):
-    """The rpool shared-memory files this worker has open."""
-    return [target for _, target in open_memfds()]
+    """The rpool shared-memory files this worker has open or mapped."""
+    return [target for _, target in open_memfds()] + [f"mapped {target}" for _, target in mapped_memfds()]

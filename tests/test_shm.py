@@ -31,8 +31,8 @@ def digest(obj):
 
 
 def memfds():
-    """This process's descriptors for rpool's shared-memory files."""
-    return [fd for fd, _ in T.open_memfds()]
+    """This process's descriptors for rpool's shared-memory files, and its mappings of them."""
+    return [fd for fd, _ in T.open_memfds()] + [span for span, _ in T.mapped_memfds()]
 
 
 def no_memfds_left():
@@ -87,6 +87,17 @@ def test_large_results_of_many_tasks(make_pool):
     assert unordered == sizes
 
 
+def test_payloads_growing_and_shrinking_through_reused_shared_memory(make_pool):
+    """rpool reuses its memfds and keeps them mapped on both sides: a bigger payload than the
+    last one must grow them, a smaller one must not read stale bytes past its end."""
+    pool = make_pool(1)
+    for i, size in enumerate([2 * MiB, 3 * MiB, 9 * MiB + 1, 2 * MiB + 7, 9 * MiB + 4097, BIG]):
+        data = bytearray(payload(20 + i, size))
+        assert pool.apply(T.describe, (data,)) == digest(data)
+        back = pool.apply(T.echo, (data,))
+        assert type(back) is bytearray and digest(back) == digest(data)
+
+
 def test_an_exception_carrying_a_large_buffer(make_pool):
     pool = make_pool(1)
     data = payload(6)
@@ -122,6 +133,33 @@ def test_only_large_buffers_take_the_shared_path():
     shared = _shm.dumps((len, (payload(8),), {}))
     assert isinstance(shared, _shm.SharedPayload) and len(shared) < 4096
     assert pickle.loads(shared) == (len, (payload(8),), {})
+
+
+def test_buffers_are_copied_only_within_their_bounds():
+    from rpool import _rpool
+
+    assert _rpool.read_buffer(b"abcdef", 2, 3, True) == bytearray(b"cde")
+    with pytest.raises(ValueError, match="past the end"):
+        _rpool.read_buffer(b"abcdef", 4, 3, False)
+    target = bytearray(6)
+    _rpool.write_buffer(target, 3, b"xyz")
+    assert target == bytearray(b"\0\0\0xyz")
+    with pytest.raises(ValueError, match="past the end"):
+        _rpool.write_buffer(target, 4, b"xyz")
+    with pytest.raises(BufferError):
+        _rpool.write_buffer(b"read-only", 0, b"x")
+
+
+def test_few_mappings_of_other_processes_memfds_are_kept():
+    """Each kept mapping holds its file's memory even after the sender closes it."""
+    from rpool import _shm
+
+    sent = [_shm.dumps(payload(30 + i, 2 * MiB)) for i in range(_shm._MappedFiles.KEEP + 2)]
+    for i, data in enumerate(sent):
+        assert pickle.loads(data) == payload(30 + i, 2 * MiB)
+    assert len(_shm._mapped.maps) == _shm._MappedFiles.KEEP
+    del sent, data
+    assert no_memfds_left() == []
 
 
 def test_a_payload_read_after_its_memfd_was_reused_is_refused():

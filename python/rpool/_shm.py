@@ -4,7 +4,9 @@ A task or result holding a `bytes`/`bytearray` of at least `MIN_SHARED` bytes, o
 pickle gives such an out-of-band buffer (pickle protocol 5: numpy arrays, `PickleBuffer`), is
 pickled with those buffers left out; they are written once into a memfd and read once on the
 other side. The pickle that travels on the pipe is small. A memfd is reused once no one can still
-read it: writing into pages the kernel already has is several times faster.
+read it: writing into pages the kernel already has is several times faster. Both sides copy with
+a memcpy through mappings they keep (a kernel `pread`/`pwrite` of the same bytes costs about half
+as much again).
 
 Who owns the memfd, so that nothing outlives the processes that use it (a memfd has no name):
 - Tasks: the parent creates it; the core keeps it open until the task has an outcome (result,
@@ -184,7 +186,7 @@ def _share(data, objects, buffers, sent):
     memfd, generation = _memfds.lend(offset)
     try:
         for (_, view), (_, at, _) in zip(pieces, layout):
-            _write_all(memfd.fd, view, at)
+            _rpool.write_buffer(memfd.mapping, at, view)
         # The receiver's own descriptor: the core sends or keeps it, then closes it.
         passed = os.dup(memfd.fd)
         memfd.passed = -1 if sent else passed
@@ -209,12 +211,13 @@ def _share(data, objects, buffers, sent):
 
 
 class _Memfd:
-    __slots__ = ("fd", "inode", "capacity", "generation", "passed")
+    __slots__ = ("fd", "inode", "capacity", "mapping", "generation", "passed")
 
     def __init__(self):
         self.fd = os.memfd_create("rpool-buffers", os.MFD_CLOEXEC)
         self.inode = _identity(self.fd)
         self.capacity = 0
+        self.mapping = None
         self.generation = 0
         # The descriptor the core keeps for a task's receiver; -1 when it was sent away.
         self.passed = -1
@@ -233,8 +236,28 @@ class _Memfd:
         except OSError:
             return False
 
+    def reserve(self, size):
+        """Make the file and its writable mapping at least `size` bytes, rounded up to a sixteenth
+        so that payloads growing a little do not remap it each time. Populated at once: faulting
+        the pages of a shared mapping in one write at a time costs twice the copy."""
+        if self.capacity >= size:
+            return
+        import mmap
+
+        capacity = _round_up(size, max(_ALIGN, 1 << max(0, size.bit_length() - 4)))
+        os.ftruncate(self.fd, capacity)
+        self.mapping = None
+        self.mapping = mmap.mmap(self.fd, capacity, mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        self.capacity = capacity
+
     def close(self):
+        # Not mapping.close(): a thread may still be copying out of it; the last reference unmaps.
+        self.mapping = None
         os.close(self.fd)
+
+
+def _round_up(n, step):
+    return -(-n // step) * step
 
 
 def _identity(fd):
@@ -276,7 +299,11 @@ class _MemfdCache:
         if self.spare:
             self.spare.remove(memfd)
         memfd.generation += 1
-        memfd.capacity = max(memfd.capacity, size)
+        try:
+            memfd.reserve(size)
+        except BaseException:
+            memfd.close()
+            raise
         os.pwrite(memfd.fd, _COUNTERS.pack(memfd.generation, 0), 0)
         self.lent.append(memfd)
         while len(self.lent) > 1 and (
@@ -307,6 +334,7 @@ class _MemfdCache:
             spare, self.spare = self.spare, []
         for memfd in spare:
             memfd.close()
+        _mapped.clear()
 
     def forget(self):
         """In a forked child: the parent's memfds are the parent's to reuse, and those the core
@@ -314,6 +342,7 @@ class _MemfdCache:
         self.lock = threading.Lock()
         self.spare = []
         self.lent = []
+        _mapped.clear()
         for name in os.listdir("/proc/self/fd"):
             try:
                 if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:rpool-buffers"):
@@ -322,20 +351,53 @@ class _MemfdCache:
                 pass
 
 
+class _MappedFiles:
+    """Read-only mappings of memfds that other processes wrote buffers into, kept for their next
+    payloads: senders reuse their memfds, and a mapping whose pages are already in the page table
+    is copied out of at memcpy speed.
+
+    A kept mapping keeps its file's memory even once the sender has closed it, so few are kept,
+    none bigger than the senders keep their own, and pools shutting down drop them (`trim`).
+    """
+
+    KEEP = 4
+    MAX_BYTES = _MemfdCache.MAX_SPARE_BYTES
+
+    def __init__(self):
+        self.maps = {}  # identity -> mmap, least recently used first
+        self.lock = threading.Lock()
+
+    def get(self, fd, identity, needed):
+        with self.lock:
+            mapping = self.maps.pop(identity, None)
+            if mapping is None or len(mapping) < needed:
+                import mmap
+
+                size = os.fstat(fd).st_size
+                if size < needed:
+                    raise OSError("rpool: the shared memory is shorter than its payload says")
+                # Not populated: only what is read is faulted in (the file may be much bigger).
+                mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            if len(mapping) <= self.MAX_BYTES:
+                self.maps[identity] = mapping
+                while len(self.maps) > self.KEEP:
+                    del self.maps[next(iter(self.maps))]
+            return mapping
+
+    def clear(self):
+        # Dropped, not closed: another thread may still be copying out of one.
+        with self.lock:
+            self.maps = {}
+
+
 _HEADER = _ALIGN
 _COUNTERS = struct.Struct("<QQ")
 _memfds = _MemfdCache()
+_mapped = _MappedFiles()
 trim = _memfds.trim
 # In a worker: its memfd socket, on which the memfds of large results go to the parent (set by
 # the core when the worker starts).
 result_socket = None
-
-
-def _write_all(fd, view, at):
-    while view.nbytes:
-        written = os.pwrite(fd, view, at)
-        view = view[written:]
-        at += written
 
 
 class _Envelope:
@@ -395,12 +457,13 @@ def _load(fd, inode, generation, layout, data):
     if written != generation:
         raise RuntimeError("rpool: the shared memory of this payload was reused before it was read")
     try:
+        source = _mapped.get(fd, tuple(inode), max(offset + length for _, offset, length in layout))
         objects = []
         buffers = []
         for kind, offset, length in layout:
             # Out-of-band buffers are read into a bytearray, which the object (a numpy array,
             # say) is built on, as pickle would have made it from an in-band buffer.
-            buffer = _rpool.read_buffer(fd, offset, length, kind != _BYTES)
+            buffer = _rpool.read_buffer(source, offset, length, kind != _BYTES)
             (buffers if kind == _BUFFER else objects).append(buffer)
     finally:
         # Read (or given up): the sender may write into it again.
