@@ -654,24 +654,71 @@ pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
     }
 }
 
-static LOG_CACHE: std::sync::OnceLock<pyo3_log::ResetHandle> = std::sync::OnceLock::new();
+/// The core's `log` records go to Python's logging, under the logger name "rpool", through
+/// pyo3-log, whose levels are cached (a disabled record costs no GIL); each new pool clears the
+/// cache (`reset_log_cache`).
+///
+/// pyo3-log imports Python's logging, a good part of a pool's start-up (and of an exec'd
+/// worker's, which never logs through it). So it is made only once the program has imported
+/// logging itself, or for the first warning or error, which Python's logging shows even
+/// unconfigured. Until then, records below WARNING are dropped: no one can have asked for them.
+struct DeferredLogger {
+    inner: std::sync::OnceLock<pyo3_log::Logger>,
+}
+
+static LOGGER: DeferredLogger = DeferredLogger {
+    inner: std::sync::OnceLock::new(),
+};
 static LOGGER_TRIED: AtomicBool = AtomicBool::new(false);
 
-/// Send the core's `log` records to Python's logging, under the logger name "rpool". Levels are
-/// cached (a disabled record costs no GIL); each new pool clears the cache (`reset_log_cache`).
-/// Done by the first core made, not when the module is imported: exec'd workers and the fork
-/// server import it too, never log through it, and `import logging` is a good part of their
-/// start-up.
+impl DeferredLogger {
+    fn start(&self, py: Python<'_>) -> Option<&pyo3_log::Logger> {
+        if let Some(logger) = self.inner.get() {
+            return Some(logger);
+        }
+        let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::LoggersAndLevels).ok()?;
+        Some(
+            self.inner
+                .get_or_init(|| logger.filter(log::LevelFilter::Trace)),
+        )
+    }
+}
+
+impl log::Log for DeferredLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        match self.inner.get() {
+            Some(logger) => logger.enabled(metadata),
+            None => metadata.level() <= log::Level::Warn,
+        }
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let logger = match self.inner.get() {
+            Some(logger) => logger,
+            None if record.level() <= log::Level::Warn => {
+                match Python::attach(|py| self.start(py)) {
+                    Some(logger) => logger,
+                    None => return,
+                }
+            }
+            None => return,
+        };
+        logger.log(record);
+    }
+
+    fn flush(&self) {}
+}
+
+/// Install the core's logger (once), and start pyo3-log if the program uses logging by now.
+/// Done by each core made, not when the module is imported.
 pub(crate) fn install_logger(py: Python<'_>) -> PyResult<()> {
-    if LOGGER_TRIED.load(Ordering::Acquire) {
-        return Ok(());
+    // Fails only if some logger is installed already (the embedder's): then it gets the records.
+    if !LOGGER_TRIED.swap(true, Ordering::AcqRel) && log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Trace);
     }
-    let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::LoggersAndLevels)?;
-    // Fails only if some logger is installed already (another thread's, or the embedder's).
-    if let Ok(handle) = logger.filter(log::LevelFilter::Trace).install() {
-        let _ = LOG_CACHE.set(handle);
+    if LOGGER.inner.get().is_none() && py.import("sys")?.getattr("modules")?.contains("logging")? {
+        LOGGER.start(py);
     }
-    LOGGER_TRIED.store(true, Ordering::Release);
     Ok(())
 }
 
@@ -680,8 +727,8 @@ pub(crate) fn install_logger(py: Python<'_>) -> PyResult<()> {
 #[pyfunction]
 pub fn reset_log_cache(py: Python<'_>) -> PyResult<()> {
     install_logger(py)?;
-    if let Some(handle) = LOG_CACHE.get() {
-        handle.reset();
+    if let Some(logger) = LOGGER.inner.get() {
+        logger.reset_handle().reset();
     }
     Ok(())
 }

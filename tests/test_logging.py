@@ -141,3 +141,31 @@ def test_a_level_set_after_an_earlier_pool_applies_to_the_next(caplog):
         pool.apply(os.getpid)
     started = [r for r in caplog.records if r.name == "rpool" and "started worker" in r.getMessage()]
     assert len(started) == 2
+
+
+def test_a_program_that_never_imported_logging_still_sees_the_cores_warnings(script_env):
+    """The core starts Python's logging only when the program uses it, or for its first warning:
+    a warning must still reach stderr (logging's last-resort handler), debug records not."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import os, signal, sys, time, rpool
+        assert "logging" not in sys.modules
+        with rpool.get_context("fork").Pool(1) as pool:
+            pid = pool.apply(os.getpid)
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while pid in pool._core.worker_pids() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert pool.apply(os.getpid) != pid
+        print(pid)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=script_env)
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stdout.split()[-1])
+    assert f"(pid {pid})" in proc.stderr and "SIGKILL" in proc.stderr
+    assert "started worker" not in proc.stderr

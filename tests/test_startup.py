@@ -115,6 +115,71 @@ def test_exec_worker_imports_only_what_it_uses(method, forward_logs, script_env)
     assert loaded - at_startup == expected - at_startup
 
 
+# What the parent of an exec'd pool has no use for, unless the program imports it itself.
+NOT_IN_PARENT = ("logging", "typing", "subprocess", "multiprocessing.spawn", "multiprocessing.util", "runpy")
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_starting_a_pool_imports_only_what_it_uses(method, script_env):
+    code = textwrap.dedent(
+        f"""
+        import json, sys, rpool
+        with rpool.get_context({method!r}).Pool(2) as pool:
+            assert pool.apply(abs, (-3,)) == 3
+        print(json.dumps(sorted(m for m in {NOT_IN_PARENT!r} if m in sys.modules)))
+        """
+    )
+    loaded = set(_run_python(["-c", code], script_env))
+    assert loaded - _loaded_at_startup(NOT_IN_PARENT, script_env) == set()
+
+
+_COMPARE_PREPARATION = textwrap.dedent(
+    """
+    import json, sys
+    import rpool.pool
+    ours = rpool.pool._preparation_data("SpawnPoolWorker")
+    assert "multiprocessing.util" not in sys.modules
+    from multiprocessing import spawn
+    theirs = spawn.get_preparation_data("SpawnPoolWorker")
+    for data in (ours, theirs):
+        data["authkey"] = data["authkey"].hex()
+    print(json.dumps([ours, theirs]))
+    """
+)
+
+
+@pytest.mark.parametrize("main", ["-c", "script", "-m"])
+def test_preparation_data_is_the_stdlibs(main, tmp_path, script_env):
+    """rpool makes spawn's preparation data itself (sparing a pool's start-up multiprocessing.spawn's
+    imports): it must be what `spawn.get_preparation_data` gives in the same process."""
+    (tmp_path / "compare_preparation.py").write_text(_COMPARE_PREPARATION)
+    env = dict(script_env, PYTHONPATH=os.pathsep.join([str(tmp_path), script_env["PYTHONPATH"]]))
+    args = {
+        "-c": ["-c", _COMPARE_PREPARATION],
+        "script": ["compare_preparation.py", "an", "argument"],
+        "-m": ["-m", "compare_preparation"],
+    }[main]
+    ours, theirs = _run_python(args, env, cwd=str(tmp_path))
+    assert ours == theirs
+    assert ("init_main_from_name" in ours, "init_main_from_path" in ours) == {
+        "-c": (False, False),
+        "script": (False, True),
+        "-m": (True, False),
+    }[main]
+
+
+@pytest.mark.parametrize(
+    "flags", [[], ["-B", "-s", "-OO"], ["-I", "-q"], ["-E", "-P", "-b"], ["-W", "error", "-X", "utf8"], ["-X", "dev"]]
+)
+def test_workers_get_the_interpreters_flags_as_the_stdlib_gives_them(flags, script_env):
+    code = (
+        "import json, subprocess, rpool.pool; "
+        "print(json.dumps([rpool.pool._interpreter_flags(), subprocess._args_from_interpreter_flags()]))"
+    )
+    ours, theirs = _run_python([*flags, "-c", code], script_env)
+    assert ours == theirs
+
+
 @pytest.mark.parametrize("impl", ["stdlib", "rpool"])
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_worker_prepared_as_by_spawn(impl, method, tmp_path, script_env):

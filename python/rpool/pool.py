@@ -11,11 +11,11 @@ import collections
 import functools
 import importlib
 import itertools
-import logging
 import multiprocessing
 import os
 import pickle
 import reprlib
+import sys
 import threading
 import time
 import types
@@ -24,17 +24,35 @@ import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence, Sized
 from multiprocessing import TimeoutError, process
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 from . import _rpool, _shm
 from ._worker import dumps as _dumps
 from ._worker import bootstrap_forked, cloud_dumps, mapstar, rangestar, starmapstar
 
-# Imported where used, to keep a pool's start-up short: asyncio support, progress bars, and
-# multiprocessing.spawn (which brings multiprocessing.util and subprocess), needed only to
-# start exec'd workers.
+# Imported where used, to keep a pool's start-up short: asyncio support, progress bars, logging
+# (records from workers, a callback that raised), and typing.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Self, TypeVar
+    from typing import Generic as _Generic
+
     from . import _progress
+
+    T = TypeVar("T")
+    S = TypeVar("S")
+
+    # What a callback gets: the result; what an error callback gets: the exception.
+    Callback = Callable[[T], object]
+    ErrorCallback = Callable[[BaseException], object]
+else:
+    T = S = None
+
+    class _Generic:
+        """`typing.Generic` to type checkers; at run time, subscripting a result class gives a
+        `types.GenericAlias`, as the stdlib's own result classes do."""
+
+        __slots__ = ()
+        __class_getitem__ = classmethod(types.GenericAlias)
 
 __all__ = [
     "Pool",
@@ -48,14 +66,12 @@ __all__ = [
     "UnpicklableTaskError",
 ]
 
-_log = logging.getLogger("rpool")
 
-T = TypeVar("T")
-S = TypeVar("S")
+def _log_exception(message: str, *args: object) -> None:
+    import logging
 
-# What a callback gets: the result; what an error callback gets: the exception.
-Callback = Callable[[T], object]
-ErrorCallback = Callable[[BaseException], object]
+    logging.getLogger("rpool").exception(message, *args)
+
 
 RUN = "RUN"
 CLOSE = "CLOSE"
@@ -139,7 +155,7 @@ def _decode_other(kind: int, data: Any) -> tuple[bool, Any]:
     return False, PoolTerminatedError(data)
 
 
-class ApplyResult(Generic[T]):
+class ApplyResult(_Generic[T]):
     """The result of `apply_async`: `get`, `wait`, `ready`, `successful`, as the stdlib's."""
 
     __slots__ = ("_job", "_callback", "_error_callback", "_settled", "_success", "_value", "__weakref__")
@@ -220,7 +236,7 @@ class ApplyResult(Generic[T]):
                 try:
                     callback(self._value)
                 except Exception:
-                    _log.exception("rpool: callback %r raised; the pool carries on", callback)
+                    _log_exception("rpool: callback %r raised; the pool carries on", callback)
         finally:
             self._callback = self._error_callback = None
             self._job.mark_ready()
@@ -301,7 +317,7 @@ class MapResult(ApplyResult[list[T]]):
 _EMPTY = object()
 
 
-class IMapIterator(_rpool.ItemQueue, Generic[T]):
+class IMapIterator(_rpool.ItemQueue, _Generic[T]):
     """The iterator of `imap` (in order) and `imap_unordered` (as tasks finish).
 
     Items of decoded chunks wait in the native `ItemQueue`, whose `__next__` hands them out;
@@ -935,7 +951,7 @@ class Pool:
             "name_prefix": _NAME_PREFIX[method],
             "start_method": method,
             # Workers send records at or above the parent's root level at this moment.
-            "forward_logs": logging.getLogger().getEffectiveLevel() if forward_logs else None,
+            "forward_logs": _root_log_level() if forward_logs else None,
             "serializer": serializer,
         }
         log_sink = _handle_worker_records if forward_logs else None
@@ -946,9 +962,7 @@ class Pool:
                 processes, method, maxtasksperchild, deliver, fork_bootstrap=bootstrap, log_sink=log_sink
             )
         else:
-            from multiprocessing import spawn
-
-            prep = spawn.get_preparation_data(f"{_NAME_PREFIX[method]}PoolWorker")
+            prep = _preparation_data(f"{_NAME_PREFIX[method]}PoolWorker")
             # The stdlib refuses to pickle an AuthenticationString outside its own spawning.
             prep["authkey"] = bytes(prep["authkey"])
             preamble = [pickle.dumps(prep, pickle.HIGHEST_PROTOCOL), dumps(setup)]
@@ -1306,9 +1320,17 @@ class Pool:
             self.terminate()
 
 
+def _root_log_level() -> int:
+    import logging
+
+    return logging.getLogger().getEffectiveLevel()
+
+
 def _handle_worker_records(records: list[bytes]) -> None:
     """On rpool-io (`Pool(forward_logs=True)`): hand workers' log records to this process's
     loggers, filtered by their levels here, before the results that follow them are delivered."""
+    import logging
+
     for data in records:
         try:
             record = logging.makeLogRecord(pickle.loads(data))
@@ -1316,7 +1338,7 @@ def _handle_worker_records(records: list[bytes]) -> None:
             if logger.isEnabledFor(record.levelno):
                 logger.handle(record)
         except Exception:
-            _log.exception("rpool: could not handle a log record from a worker")
+            _log_exception("rpool: could not handle a log record from a worker")
 
 
 def _feed(
@@ -1376,11 +1398,76 @@ def _feed(
 
 
 def _exec_command(entry: str) -> list[str]:
-    from multiprocessing import spawn
-    from subprocess import _args_from_interpreter_flags  # type: ignore[attr-defined]
+    """The command line of an exec'd worker: the stdlib's interpreter and flags for its own."""
+    spawn = sys.modules.get("multiprocessing.spawn")  # set_executable() may have changed it
+    exe = sys.executable if spawn is None else spawn.get_executable()
+    return [os.fsdecode(exe), *_interpreter_flags(), "-c", f"from rpool._worker import {entry}; {entry}()"]
 
-    exe = spawn.get_executable()
-    return [os.fsdecode(exe), *_args_from_interpreter_flags(), "-c", f"from rpool._worker import {entry}; {entry}()"]
+
+# Single-letter options for sys.flags, in the order subprocess._args_from_interpreter_flags
+# gives them (after -O).
+_FLAG_OPTIONS = (("debug", "d"), ("dont_write_bytecode", "B"), ("no_site", "S"), ("verbose", "v"),
+                 ("bytes_warning", "b"), ("quiet", "q"))  # fmt: skip
+
+
+def _interpreter_flags() -> list[str]:
+    """`subprocess._args_from_interpreter_flags()`: the options that give a worker this
+    interpreter's settings. Without importing subprocess (a few ms of each pool's start-up)
+    unless -W or -X options are in play."""
+    if sys.warnoptions or sys._xoptions or sys.flags.dev_mode:
+        from subprocess import _args_from_interpreter_flags  # type: ignore[attr-defined]
+
+        flags: list[str] = _args_from_interpreter_flags()
+        return flags
+    args = ["-" + "O" * sys.flags.optimize] if sys.flags.optimize else []
+    args += ["-" + letter * getattr(sys.flags, name) for name, letter in _FLAG_OPTIONS if getattr(sys.flags, name) > 0]
+    if sys.flags.isolated:
+        args.append("-I")
+    else:
+        args += [option for option, on in (("-E", sys.flags.ignore_environment), ("-s", sys.flags.no_user_site),
+                                           ("-P", sys.flags.safe_path)) if on]  # fmt: skip
+    return args
+
+
+def _preparation_data(name: str) -> dict[str, Any]:
+    """`multiprocessing.spawn.get_preparation_data(name)`: what an exec'd worker needs to rebuild
+    the parent's sys.path, cwd, authkey and `__main__`.
+
+    Made here (a few ms of each pool's start-up: multiprocessing.spawn brings multiprocessing.util,
+    runpy and subprocess) unless the program imported multiprocessing.util, whose logging
+    settings the stdlib's version adds. tests/test_startup.py checks both give the same.
+    """
+    if "multiprocessing.util" in sys.modules:
+        from multiprocessing import spawn
+
+        data: dict[str, Any] = spawn.get_preparation_data(name)
+        return data
+    original_dir = process.ORIGINAL_DIR  # type: ignore[attr-defined]
+    # sys.path's "" (the current directory) is the one the parent started in.
+    sys_path = sys.path.copy()
+    if "" in sys_path:
+        sys_path[sys_path.index("")] = original_dir
+    data = {
+        "log_to_stderr": False,
+        "authkey": process.current_process().authkey,
+        "name": name,
+        "sys_path": sys_path,
+        "sys_argv": sys.argv,
+        "orig_dir": original_dir,
+        "dir": os.getcwd(),
+        "start_method": multiprocessing.get_start_method(),
+    }
+    main = sys.modules["__main__"]
+    main_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if main_name is not None:
+        data["init_main_from_name"] = main_name
+    else:
+        main_path = getattr(main, "__file__", None)
+        if main_path is not None:
+            if not os.path.isabs(main_path) and original_dir is not None:
+                main_path = os.path.join(original_dir, main_path)
+            data["init_main_from_path"] = os.path.normpath(main_path)
+    return data
 
 
 @atexit.register
