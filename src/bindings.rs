@@ -563,6 +563,7 @@ fn run_child<'py>(
 /// the stdlib's spawn preparation rebuild `sys.path` and `__main__`, then serve. Returns the exit code.
 #[pyfunction]
 pub fn worker_main(py: Python<'_>) -> PyResult<i32> {
+    die_with_exec_parent(py)?;
     let mut reader = FrameReader::new();
     let Some((number, [prep, setup])) = read_config(py, &mut reader, EXEC_TASK_FD)? else {
         return Ok(0);
@@ -581,10 +582,19 @@ pub fn worker_main(py: Python<'_>) -> PyResult<i32> {
     ))
 }
 
+/// See `launch::exec_with_fds`: the starting process's pid is the last of `sys.argv` (until
+/// `prepare` sets the parent's).
+fn die_with_exec_parent(py: Python<'_>) -> PyResult<()> {
+    let argv: Vec<String> = py.import("sys")?.getattr("argv")?.extract()?;
+    launch::die_with_exec_parent(&argv);
+    Ok(())
+}
+
 /// Entry point of the `forkserver` server process: prepare `__main__` and the worker setup once,
 /// then fork one worker per request from the pool (see `forkserver.rs`). Returns the exit code.
 #[pyfunction]
 pub fn forkserver_main(py: Python<'_>) -> PyResult<i32> {
+    die_with_exec_parent(py)?;
     let mut reader = FrameReader::new();
     let Some((_, [prep, setup])) = read_config(py, &mut reader, forkserver::SERVER_CONFIG_FD)?
     else {

@@ -135,21 +135,21 @@ impl ForkServerLauncher {
             socket::SockFlag::SOCK_CLOEXEC,
         )?;
         let (config_r, config_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let child = launch::exec_with_fds(&self.argv, &[theirs.as_raw_fd(), config_r.as_raw_fd()])?;
+        let pid = launch::exec_with_fds(&self.argv, &[theirs.as_raw_fd(), config_r.as_raw_fd()])?;
         drop((theirs, config_r));
         let mut config = Vec::new();
         for part in &self.preamble {
             frame::encode_into(&mut config, frame::kind::CONFIG, 0, 0, part);
         }
         if let Err(e) = frame::write_all(config_w.as_raw_fd(), &[&config]) {
-            let how = stop_server(child.id() as i32, Duration::from_millis(500));
+            let how = stop_server(pid, Duration::from_millis(500));
             return Err(io::Error::new(
                 e.kind(),
                 format!("the fork server {how}: {e}"),
             ));
         }
         Ok(Server {
-            pid: child.id() as i32,
+            pid,
             sock: ours,
             spawned: HashMap::new(),
             exited: HashMap::new(),

@@ -19,9 +19,7 @@ use crate::frame::{self, kind};
 use crate::pool::{Launch, Launched};
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::process::Command;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// The two pipes of one worker: (task read end, task write end), (result read end, result write
 /// end), and its memfd socket: (parent's end, worker's end).
@@ -68,7 +66,7 @@ pub const EXEC_TASK_FD: i32 = 3;
 pub const EXEC_RESULT_FD: i32 = 4;
 pub const EXEC_MEMFD_FD: i32 = 5;
 
-/// fork+exec of a fresh interpreter per worker (`spawn`): nothing of the parent's
+/// A fresh interpreter per worker (`spawn`), started by `exec_with_fds`: nothing of the parent's
 /// memory is shared, so this is safe from any thread.
 pub struct ExecLauncher {
     pub argv: Vec<String>,
@@ -76,40 +74,88 @@ pub struct ExecLauncher {
     pub preamble: Vec<Vec<u8>>,
 }
 
-/// fork+exec `argv` with `fds[0]`, `fds[1]` (and `fds[2]`) at fd 3, 4 (and 5), dying with the
-/// calling thread.
-pub fn exec_with_fds(argv: &[String], fds: &[RawFd]) -> io::Result<std::process::Child> {
-    let fds = fds.to_vec();
-    let parent = std::process::id() as libc::pid_t;
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..]);
-    unsafe {
-        cmd.pre_exec(move || {
-            // Move the ends to fixed numbers, via high numbers so none clobbers another.
-            let mut high = [-1; 3];
-            for (i, &fd) in fds.iter().enumerate() {
-                high[i] = libc::fcntl(fd, libc::F_DUPFD, 10);
-                if high[i] < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            for (i, &fd) in high[..fds.len()].iter().enumerate() {
-                if libc::dup2(fd, EXEC_TASK_FD + i as i32) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                libc::close(fd);
-            }
-            die_with_parent(parent);
-            Ok(())
-        });
+/// Start `argv` with `fds[0]`, `fds[1]` (and `fds[2]`) at fd 3, 4 (and 5), returning its pid.
+///
+/// By posix_spawn, which glibc does with a vfork: nothing of this process is copied. A fork of a
+/// pool's parent (the interpreter, the core's threads) costs ~2 ms here in page tables and
+/// copy-on-write faults, on the path of every exec'd pool's start-up, only for exec to throw it
+/// away. The child gets this process's pid as its last argument, and `die_with_exec_parent`
+/// then ties its life to the thread that started it, as a fork's `die_with_parent` does.
+pub fn exec_with_fds(argv: &[String], fds: &[RawFd]) -> io::Result<libc::pid_t> {
+    check_argv(argv)?;
+    // Sources above every target, so that no dup2 overwrites a source still to be moved.
+    let sources = fds
+        .iter()
+        .map(|&fd| nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)))
+        .map(|fd| fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut args = argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()).expect("checked"))
+        .collect::<Vec<_>>();
+    args.push(CString::new(std::process::id().to_string()).expect("digits"));
+    let mut pointers: Vec<*mut libc::c_char> = args.iter().map(|a| a.as_ptr().cast_mut()).collect();
+    pointers.push(std::ptr::null_mut());
+    extern "C" {
+        static environ: *const *mut libc::c_char;
     }
-    cmd.spawn()
+    unsafe {
+        let mut actions = std::mem::MaybeUninit::<libc::posix_spawn_file_actions_t>::uninit();
+        let mut attr = std::mem::MaybeUninit::<libc::posix_spawnattr_t>::uninit();
+        libc::posix_spawn_file_actions_init(actions.as_mut_ptr());
+        libc::posix_spawnattr_init(attr.as_mut_ptr());
+        let mut rc = 0;
+        for (target, source) in (EXEC_TASK_FD..).zip(&sources) {
+            if rc == 0 {
+                rc = libc::posix_spawn_file_actions_adddup2(
+                    actions.as_mut_ptr(),
+                    source.as_raw_fd(),
+                    target,
+                );
+            }
+        }
+        // As std's Command: no blocked signals, SIGPIPE back to its default.
+        let mut no_signals = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut no_signals);
+        let mut sigpipe = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut sigpipe);
+        libc::sigaddset(&mut sigpipe, libc::SIGPIPE);
+        libc::posix_spawnattr_setsigmask(attr.as_mut_ptr(), &no_signals);
+        libc::posix_spawnattr_setsigdefault(attr.as_mut_ptr(), &sigpipe);
+        let flags = libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+        libc::posix_spawnattr_setflags(attr.as_mut_ptr(), flags as libc::c_short);
+        let mut pid: libc::pid_t = 0;
+        if rc == 0 {
+            rc = libc::posix_spawnp(
+                &mut pid,
+                args[0].as_ptr(),
+                actions.as_ptr(),
+                attr.as_ptr(),
+                pointers.as_ptr(),
+                environ,
+            );
+        }
+        libc::posix_spawn_file_actions_destroy(actions.as_mut_ptr());
+        libc::posix_spawnattr_destroy(attr.as_mut_ptr());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(pid)
+    }
+}
+
+/// In a process started by `exec_with_fds`: die with the thread that started it (whose process's
+/// pid is our last argument), and exit now if that process is already gone.
+pub fn die_with_exec_parent(argv: &[String]) {
+    if let Some(parent) = argv.last().and_then(|pid| pid.parse::<libc::pid_t>().ok()) {
+        die_with_parent(parent);
+    }
 }
 
 impl Launch for ExecLauncher {
     fn launch(&self, number: u64) -> io::Result<Launched> {
         let pipes = worker_pipes()?;
-        let child = exec_with_fds(
+        let pid = exec_with_fds(
             &self.argv,
             &[
                 pipes.task_r.as_raw_fd(),
@@ -122,7 +168,7 @@ impl Launch for ExecLauncher {
             frame::encode_into(&mut preamble, kind::CONFIG, number, 0, part);
         }
         Ok(Launched {
-            pid: child.id() as i32,
+            pid,
             task_fd: pipes.task_w,
             result_fd: pipes.result_r,
             memfd_fd: pipes.memfd_r,

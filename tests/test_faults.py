@@ -510,3 +510,40 @@ def test_a_fork_pool_in_a_script_without_main_guard_is_refused_in_spawned_worker
     assert proc.returncode != 0
     assert "bootstrapping phase" in proc.stderr
     assert proc.stdout.count("fork pool:") == 1, proc.stdout
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_workers_die_with_a_killed_parent(method, script_env):
+    """A parent killed outright runs no clean-up: its workers (and a fork server) must still go,
+    even in the middle of a task, when they do not read their pipes (a death signal does it;
+    exec'd workers, started by posix_spawn, set theirs after exec)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import os, sys, time, rpool
+        pool = rpool.get_context({method!r}).Pool(2)
+        pids = pool._core.worker_pids()
+        parents = {{pool.apply(os.getppid) for _ in range(4)}}
+        busy = [pool.apply_async(time.sleep, (60,)) for _ in range(2)]
+        time.sleep(0.5)
+        print(*pids, *(parents - {{os.getpid()}}), flush=True)
+        sys.stdin.read()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=script_env
+    )
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == (3 if method == "forkserver" else 2)  # the fork server too
+        assert all(alive(pid) for pid in pids)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not [pid for pid in pids if alive(pid)]
