@@ -109,7 +109,7 @@ impl<'py> Callables<'py> {
     const MAX: usize = 256;
 
     fn new(py: Python<'py>) -> Self {
-        let loads = py.import("pickle").and_then(|m| m.getattr("loads")).ok();
+        let loads = py.import("_pickle").and_then(|m| m.getattr("loads")).ok();
         Callables {
             loads,
             known: HashMap::new(),

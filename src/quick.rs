@@ -418,10 +418,10 @@ pub fn loads<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
     }
 }
 
-/// `pickle.loads`, looked up once.
+/// `pickle.loads` (the C one, `_pickle`'s: `pickle` itself need not be imported), looked up once.
 fn pickle_loads(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
     static LOADS: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
-    LOADS.import(py, "pickle", "loads")
+    LOADS.import(py, "_pickle", "loads")
 }
 
 /// The pickle of `((start, stop, step), {})`: the arguments of `rangestar` for one chunk of a

@@ -115,6 +115,28 @@ def test_exec_worker_imports_only_what_it_uses(method, forward_logs, script_env)
     assert loaded - at_startup == expected - at_startup
 
 
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_exec_worker_does_not_import_multiprocessing_until_a_task_does(method, script_env):
+    """What the stdlib sets in a worker's multiprocessing (name, identity, authkey, start method)
+    is set when a task first imports it, even after an import system lookup of it."""
+    heavy = ("multiprocessing", "pickle", "threading", "enum", "re")
+    probe = f"sorted(m for m in {heavy!r} if m in __import__('sys').modules)"
+    code = textwrap.dedent(
+        f"""
+        import json, multiprocessing, rpool
+        with rpool.get_context({method!r}).Pool(1) as pool:
+            before = pool.apply(eval, ({probe!r},))
+            theirs = pool.apply(startup_tasks.identity_after_find_spec)
+        me = multiprocessing.current_process()
+        print(json.dumps([before, theirs, me.authkey.hex()]))
+        """
+    )
+    before, theirs, authkey = _run_python(["-c", "import startup_tasks\n" + code], script_env)
+    assert set(before) - _loaded_at_startup(heavy, script_env) == set()
+    prefix = {"spawn": "Spawn", "forkserver": "ForkServer"}[method]
+    assert theirs == [f"{prefix}PoolWorker-1", [1], authkey, method, False]
+
+
 # What the parent of an exec'd pool has no use for, unless the program imports it itself.
 NOT_IN_PARENT = ("logging", "typing", "subprocess", "multiprocessing.spawn", "multiprocessing.util", "runpy")
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import multiprocessing as _mp
-from multiprocessing import TimeoutError
-
 # `import rpool` stays light: every exec'd worker and the fork server import this package first,
-# and need none of the pool's modules (typing, the pool's stdlib imports). The public names
-# below are imported on first use by `__getattr__`; mypy sees them through these imports.
+# and need none of the pool's modules (typing, the pool's stdlib imports, not even
+# multiprocessing). The public names below are imported on first use by `__getattr__`; mypy
+# sees them through these imports.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
+    from multiprocessing import TimeoutError, cpu_count
     from typing import Any
 
     from .executor import ProcessPoolExecutor
@@ -46,9 +45,6 @@ __all__ = [
     "ThreadPool",
 ]
 
-cpu_count = _mp.cpu_count
-
-
 class Context:
     """A start method, as `multiprocessing.get_context(method)` gives, whose `Pool` is rpool's."""
 
@@ -77,15 +73,20 @@ class Context:
 
 def get_context(method: str | None = None) -> Context:
     """The context for `method` ('fork', 'spawn', 'forkserver'); None means Python's default."""
+    import multiprocessing
+
     if method is None:
-        method = _mp.get_context().get_start_method()
-    if method not in _mp.get_all_start_methods():
+        method = multiprocessing.get_context().get_start_method()
+    if method not in multiprocessing.get_all_start_methods():
         raise ValueError(f"cannot find context for {method!r}")
     return Context(method)
 
 
 # Where each lazily imported public name lives (the executor also pulls in concurrent.futures).
 _LAZY = {
+    # The stdlib's own: `except multiprocessing.TimeoutError` catches rpool's timeouts.
+    "TimeoutError": "multiprocessing",
+    "cpu_count": "multiprocessing",
     "ProcessPoolExecutor": ".executor",
     "ThreadPool": ".threadpool",
     **dict.fromkeys(

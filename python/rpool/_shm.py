@@ -20,12 +20,11 @@ Small tasks never get here: a cheap look at the top of the object decides.
 
 from __future__ import annotations
 
-import functools
+import _pickle as pickle  # `pickle`'s own functions, without importing its Python half (re...)
+import _thread
 import io
 import os
-import pickle
 import struct
-import threading
 
 from . import _rpool
 
@@ -62,9 +61,18 @@ class SharedPayload(bytes):
             os.close(fd)
 
 
-@functools.cache
 def _sharing_pickler():
     """The pickler class for large payloads, defined on first use (it is a ForkingPickler)."""
+    global _sharing_pickler_class
+    if _sharing_pickler_class is None:
+        _sharing_pickler_class = _define_sharing_pickler()
+    return _sharing_pickler_class
+
+
+_sharing_pickler_class = None
+
+
+def _define_sharing_pickler():
     from multiprocessing.reduction import ForkingPickler
 
     class _SharingPickler(ForkingPickler):
@@ -286,7 +294,7 @@ class _MemfdCache:
         self.spare = []
         self.lent = []
         # Tasks are pickled on several threads (callers, imap's feeders).
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         os.register_at_fork(after_in_child=self.forget)
 
     def lend(self, size):
@@ -339,7 +347,7 @@ class _MemfdCache:
     def forget(self):
         """In a forked child: the parent's memfds are the parent's to reuse, and those the core
         keeps for tasks in flight must not live on in a worker."""
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         self.spare = []
         self.lent = []
         _mapped.clear()
@@ -365,7 +373,7 @@ class _MappedFiles:
 
     def __init__(self):
         self.maps = {}  # identity -> mmap, least recently used first
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
 
     def get(self, fd, identity, needed):
         with self.lock:

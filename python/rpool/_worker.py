@@ -6,28 +6,30 @@ The loop itself (read a task frame, call `execute`, write the result frame) is i
 
 from __future__ import annotations
 
+import _pickle as pickle  # `pickle`'s own functions, without importing its Python half (re...)
 import itertools
 import os
-import pickle
-import signal
 import sys
-from multiprocessing import process
 
 from . import _shm
 from ._rpool import quick_loads
 
 # Everything else is imported where it is used: an exec'd worker and the fork server import
-# this module first thing, and each module here adds to every worker's start-up. The process
-# name, authkey and `_inheriting` live in `multiprocessing.process`, which is needed anyway.
+# this module first thing, and each module here adds to every worker's start-up. Even
+# multiprocessing (~15 ms here): what the stdlib sets in a worker's `multiprocessing.process`
+# (its name, authkey, start method...) is set when something first imports it (`_identity`).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal
     from collections.abc import Callable
     from typing import Any
 
     # What a worker's bootstrap returns: `(execute, maxtasksperchild, max_memory_per_child)`.
     Booted = tuple[Callable[..., tuple[bool, bytes]], int | None, int | None]
+else:
+    import _signal  # `signal`'s functions, without its enums (the enum module is slow to import)
 
-_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_PROTOCOL = 5  # pickle.HIGHEST_PROTOCOL
 
 
 def dumps(obj: object) -> bytes:
@@ -128,15 +130,14 @@ def _become_worker(setup: dict[str, Any], number: int, forked: bool) -> Booted:
         # imported multiprocessing.util, it registered neither finalizers nor after-forkers).
         util._finalizer_registry.clear()
         util._run_after_forkers()
-    process._children = set()  # type: ignore[attr-defined]
     # As the stdlib's Process._bootstrap: a worker's start method is its pool's, whatever the
     # parent's default (which spawn's preparation data carries) is.
-    import multiprocessing
-
-    multiprocessing.set_start_method(setup["start_method"], force=True)
-    me = process.current_process()
-    me.name = f"{setup['name_prefix']}PoolWorker-{number}"
-    me._identity = (number,)
+    _identity.set(
+        children=set(),
+        start_method=setup["start_method"],
+        name=f"{setup['name_prefix']}PoolWorker-{number}",
+        _identity=(number,),
+    )
     if sys.stdin is not None:
         try:
             sys.stdin.close()
@@ -145,7 +146,7 @@ def _become_worker(setup: dict[str, Any], number: int, forked: bool) -> Booted:
             pass
     # Ctrl-C goes to the whole process group: the parent handles it, workers must not spew
     # tracebacks (the parent terminates them).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     if setup.get("forward_logs") is not None:
         from ._logfwd import forward_logs
 
@@ -160,6 +161,74 @@ def _become_worker(setup: dict[str, Any], number: int, forked: bool) -> Booted:
     return execute, setup["maxtasks"], setup.get("max_memory")
 
 
+class _Identity:
+    """What the stdlib sets in a worker's `multiprocessing.process` (its name, authkey, start
+    method...), set in multiprocessing at once if it is imported (a forked worker), else when
+    something first imports it: an exec'd worker whose tasks never touch multiprocessing does
+    not pay for importing it. A hook on sys.meta_path sees that import."""
+
+    def __init__(self) -> None:
+        self.settings: dict[str, Any] = {}
+
+    def set(self, **settings: Any) -> None:
+        self.settings.update(settings)
+        if "multiprocessing" in sys.modules:
+            self.apply(settings)
+        elif not any(isinstance(finder, _SetIdentityOnImport) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _SetIdentityOnImport())
+
+    def apply(self, settings: dict[str, Any]) -> None:
+        import multiprocessing
+        from multiprocessing import process
+
+        me = process.current_process()
+        for key, value in settings.items():
+            if key == "children":
+                process._children = set()  # type: ignore[attr-defined]
+            elif key == "orig_dir":
+                process.ORIGINAL_DIR = value  # type: ignore[attr-defined]
+            elif key == "start_method":
+                multiprocessing.set_start_method(value, force=True)
+            else:  # name, authkey, _identity, _inheriting
+                setattr(me, key, value)
+
+
+_identity = _Identity()
+
+
+class _SetIdentityOnImport:
+    """A finder that finds nothing itself: it hands out the spec of `multiprocessing` that the
+    other finders give, with a loader that sets `_identity` once the package has run (and then
+    takes this finder off sys.meta_path)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "multiprocessing":
+            return None
+        for finder in sys.meta_path:
+            if finder is self:
+                continue
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                spec.loader = _ThenSetIdentity(spec.loader)
+                return spec
+        return None
+
+
+class _ThenSetIdentity:
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        module.__spec__.loader = module.__loader__ = self.loader
+        self.loader.exec_module(module)
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _SetIdentityOnImport)]
+        _identity.apply(_identity.settings)
+
+
 def bootstrap_forked(setup: dict[str, Any], number: int) -> Booted:
     """In a forked worker: `setup` is the parent's own dict, inherited with its memory."""
     return _become_worker(setup, number, forked=True)
@@ -167,26 +236,21 @@ def bootstrap_forked(setup: dict[str, Any], number: int) -> Booted:
 
 def prepare(data: bytes) -> None:
     """In an exec'd worker: rebuild sys.path, cwd, authkey and `__main__` as the stdlib's spawn does."""
-    me = process.current_process()
     # As the stdlib's spawn_main: a script without `if __name__ == "__main__":` that makes a
     # pool while its main module is re-imported here gets the stdlib's "bootstrapping phase"
     # RuntimeError instead of starting workers of its own.
-    me._inheriting = True  # type: ignore[attr-defined]
+    _identity.set(_inheriting=True)
     try:
         _prepare(pickle.loads(data))
     finally:
-        me._inheriting = False  # type: ignore[attr-defined]
+        _identity.set(_inheriting=False)
 
 
 def _prepare(data: dict[str, Any]) -> None:
     """What `multiprocessing.spawn.prepare` (CPython 3.11) does with the keys of
     `spawn.get_preparation_data`, in its order, without importing multiprocessing.spawn and
     multiprocessing.util (and with them subprocess) unless a key needs them."""
-    me = process.current_process()
-    if "name" in data:
-        me.name = data["name"]
-    if "authkey" in data:
-        me.authkey = data["authkey"]
+    _identity.set(**{key: data[key] for key in ("name", "authkey") if key in data})
     if data.get("log_to_stderr"):
         from multiprocessing import util
 
@@ -202,12 +266,9 @@ def _prepare(data: dict[str, Any]) -> None:
     if "dir" in data:
         os.chdir(data["dir"])
     if "orig_dir" in data:
-        process.ORIGINAL_DIR = data["orig_dir"]  # type: ignore[attr-defined]
+        _identity.set(orig_dir=data["orig_dir"])
     if "start_method" in data:
-        # Costs nothing: the package is imported with multiprocessing.process.
-        import multiprocessing
-
-        multiprocessing.set_start_method(data["start_method"], force=True)
+        _identity.set(start_method=data["start_method"])
     # Re-running the parent's main module is the stdlib's own code: it is the costly step anyway.
     if "init_main_from_name" in data:
         from multiprocessing import spawn
@@ -236,10 +297,11 @@ def exit_worker() -> None:
         if util is not None:
             util._exit_function()
     finally:
+        # Non-daemon threads exist only if something imported threading.
+        threading = sys.modules.get("threading")
         try:
-            import threading
-
-            threading._shutdown()  # type: ignore[attr-defined]
+            if threading is not None:
+                threading._shutdown()
         except Exception:
             pass
         _flush_std_streams()
@@ -259,7 +321,7 @@ def forkserver_main() -> None:
     from rpool import _rpool
 
     # Ctrl-C reaches the whole process group; the pool in the parent handles it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     os._exit(_rpool.forkserver_main())
 
 
