@@ -1024,8 +1024,10 @@ class Pool:
         timeout: float | None = None,
     ) -> ApplyResult[T]:
         """Start `func(*args, **kwds)` in a worker; returns an `AsyncResult`."""
-        self._check_running()
-        limit = self._time_limit(timeout)
+        # `_check_running` and `_time_limit` written out: this runs once per task.
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+        limit = self._task_timeout if timeout is None else _check_seconds(timeout, "timeout")
         named = _by_name(func) if self._sends_by_name else None
         payload = None
         if named is not None:
