@@ -203,6 +203,21 @@ impl ForkServerLauncher {
 fn stop_server(pid: i32, grace: Duration) -> String {
     let mut status = 0;
     let deadline = Instant::now() + grace;
+    // Wait on a pidfd first: it wakes us the moment the server exits, which the polling below
+    // (for kernels without pidfds) notices only at its next tick.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+    if pidfd >= 0 {
+        let mut exit = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = grace.as_millis().min(i32::MAX as u128) as libc::c_int;
+        while unsafe { libc::poll(&mut exit, 1, ms) } < 0
+            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+        {}
+        unsafe { libc::close(pidfd) };
+    }
     while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
         if Instant::now() >= deadline {
             unsafe { libc::kill(pid, libc::SIGKILL) };
