@@ -330,3 +330,17 @@ def touch_in(directory, name):
     with open(os.path.join(directory, str(name)), "w"):
         pass
     return name
+
+
+def kill_a_worker_and_wait_for_its_replacement(pool, timeout=20):
+    """SIGKILL one of `pool`'s workers (rpool's) between tasks; return its pid once another
+    worker runs tasks in its place."""
+    import signal
+
+    pid = pool.apply(os.getpid)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while pid in pool._core.worker_pids() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pool.apply(os.getpid) != pid
+    return pid

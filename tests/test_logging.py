@@ -3,13 +3,13 @@ records tasks log in workers to the parent's handlers."""
 
 import logging
 import os
-import signal
 import time
 
 import pytest
 
 import ecosystem_tasks as T
 import rpool
+import tasks
 
 METHODS = ("fork", "spawn", "forkserver")
 
@@ -116,12 +116,7 @@ def test_executor_passes_forward_logs_on(collect):
 def test_worker_lifecycle_is_logged(caplog):
     caplog.set_level(logging.DEBUG, logger="rpool")
     with make_pool("fork") as pool:
-        pid = pool.apply(os.getpid)
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while pid in pool._core.worker_pids() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert pool.apply(os.getpid) != pid
+        pid = tasks.kill_a_worker_and_wait_for_its_replacement(pool)
         time.sleep(0.1)
     rpool_records = [r for r in caplog.records if r.name == "rpool"]
     started = [r for r in rpool_records if r.levelno == logging.DEBUG and "started worker" in r.getMessage()]
@@ -152,15 +147,10 @@ def test_a_program_that_never_imported_logging_still_sees_the_cores_warnings(scr
 
     code = textwrap.dedent(
         """
-        import os, signal, sys, time, rpool
+        import sys, rpool, tasks
         assert "logging" not in sys.modules
         with rpool.get_context("fork").Pool(1) as pool:
-            pid = pool.apply(os.getpid)
-            os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 20
-            while pid in pool._core.worker_pids() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert pool.apply(os.getpid) != pid
+            pid = tasks.kill_a_worker_and_wait_for_its_replacement(pool)
         print(pid)
         """
     )
