@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import _pickle as pickle  # `pickle`'s own functions, without importing its Python half (re...)
 import _thread
+import functools  # _pickle imports it anyway
 import io
 import os
 import struct
@@ -61,18 +62,9 @@ class SharedPayload(bytes):
             os.close(fd)
 
 
+@functools.cache
 def _sharing_pickler():
     """The pickler class for large payloads, defined on first use (it is a ForkingPickler)."""
-    global _sharing_pickler_class
-    if _sharing_pickler_class is None:
-        _sharing_pickler_class = _define_sharing_pickler()
-    return _sharing_pickler_class
-
-
-_sharing_pickler_class = None
-
-
-def _define_sharing_pickler():
     from multiprocessing.reduction import ForkingPickler
 
     class _SharingPickler(ForkingPickler):

@@ -17,7 +17,7 @@ from ._rpool import quick_loads
 # Everything else is imported where it is used: an exec'd worker and the fork server import
 # this module first thing, and each module here adds to every worker's start-up. Even
 # multiprocessing (~15 ms here): what the stdlib sets in a worker's `multiprocessing.process`
-# (its name, authkey, start method...) is set when something first imports it (`_identity`).
+# (its name, authkey, start method...) is set when something first imports it (`_mp_state`).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal as _signal
@@ -132,7 +132,7 @@ def _become_worker(setup: dict[str, Any], number: int, forked: bool) -> Booted:
         util._run_after_forkers()
     # As the stdlib's Process._bootstrap: a worker's start method is its pool's, whatever the
     # parent's default (which spawn's preparation data carries) is.
-    _identity.set(
+    _mp_state.set(
         children=set(),
         start_method=setup["start_method"],
         name=f"{setup['name_prefix']}PoolWorker-{number}",
@@ -161,7 +161,7 @@ def _become_worker(setup: dict[str, Any], number: int, forked: bool) -> Booted:
     return execute, setup["maxtasks"], setup.get("max_memory")
 
 
-class _Identity:
+class _MultiprocessingState:
     """What the stdlib sets in a worker's `multiprocessing.process` (its name, authkey, start
     method...), set in multiprocessing at once if it is imported (a forked worker), else when
     something first imports it: an exec'd worker whose tasks never touch multiprocessing does
@@ -174,8 +174,8 @@ class _Identity:
         self.settings.update(settings)
         if "multiprocessing" in sys.modules:
             self.apply(settings)
-        elif not any(isinstance(finder, _SetIdentityOnImport) for finder in sys.meta_path):
-            sys.meta_path.insert(0, _SetIdentityOnImport())
+        elif not any(isinstance(finder, _ApplyStateOnImport) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _ApplyStateOnImport())
 
     def apply(self, settings: dict[str, Any]) -> None:
         import multiprocessing
@@ -193,12 +193,12 @@ class _Identity:
                 setattr(me, key, value)
 
 
-_identity = _Identity()
+_mp_state = _MultiprocessingState()
 
 
-class _SetIdentityOnImport:
+class _ApplyStateOnImport:
     """A finder that finds nothing itself: it hands out the spec of `multiprocessing` that the
-    other finders give, with a loader that sets `_identity` once the package has run (and then
+    other finders give, with a loader that applies `_mp_state` once the package has run (and then
     takes this finder off sys.meta_path)."""
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
@@ -210,12 +210,12 @@ class _SetIdentityOnImport:
             find = getattr(finder, "find_spec", None)
             spec = find(name, path, target) if find is not None else None
             if spec is not None:
-                spec.loader = _ThenSetIdentity(spec.loader)
+                spec.loader = _ThenApplyState(spec.loader)
                 return spec
         return None
 
 
-class _ThenSetIdentity:
+class _ThenApplyState:
     def __init__(self, loader: Any) -> None:
         self.loader = loader
 
@@ -225,8 +225,8 @@ class _ThenSetIdentity:
     def exec_module(self, module: Any) -> None:
         module.__spec__.loader = module.__loader__ = self.loader
         self.loader.exec_module(module)
-        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _SetIdentityOnImport)]
-        _identity.apply(_identity.settings)
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _ApplyStateOnImport)]
+        _mp_state.apply(_mp_state.settings)
 
 
 def bootstrap_forked(setup: dict[str, Any], number: int) -> Booted:
@@ -239,18 +239,18 @@ def prepare(data: bytes) -> None:
     # As the stdlib's spawn_main: a script without `if __name__ == "__main__":` that makes a
     # pool while its main module is re-imported here gets the stdlib's "bootstrapping phase"
     # RuntimeError instead of starting workers of its own.
-    _identity.set(_inheriting=True)
+    _mp_state.set(_inheriting=True)
     try:
         _prepare(pickle.loads(data))
     finally:
-        _identity.set(_inheriting=False)
+        _mp_state.set(_inheriting=False)
 
 
 def _prepare(data: dict[str, Any]) -> None:
     """What `multiprocessing.spawn.prepare` (CPython 3.11) does with the keys of
     `spawn.get_preparation_data`, in its order, without importing multiprocessing.spawn and
     multiprocessing.util (and with them subprocess) unless a key needs them."""
-    _identity.set(**{key: data[key] for key in ("name", "authkey") if key in data})
+    _mp_state.set(**{key: data[key] for key in ("name", "authkey") if key in data})
     if data.get("log_to_stderr"):
         from multiprocessing import util
 
@@ -266,9 +266,9 @@ def _prepare(data: dict[str, Any]) -> None:
     if "dir" in data:
         os.chdir(data["dir"])
     if "orig_dir" in data:
-        _identity.set(orig_dir=data["orig_dir"])
+        _mp_state.set(orig_dir=data["orig_dir"])
     if "start_method" in data:
-        _identity.set(start_method=data["start_method"])
+        _mp_state.set(start_method=data["start_method"])
     # Re-running the parent's main module is the stdlib's own code: it is the costly step anyway.
     if "init_main_from_name" in data:
         from multiprocessing import spawn
