@@ -179,6 +179,13 @@ BLOCKING_CALLS = {
 }
 
 
+def _default_sigint():
+    """In the script's process: take SIGINT back to its default, as in a terminal. Started from a
+    shell's background job (`pytest &`, nohup), the test run ignores it, and so would the script:
+    Python installs its KeyboardInterrupt handler only over the default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_and_interrupt(write_script, script_env, impl, method, call, group):
     path = write_script(
         f"""
@@ -205,6 +212,7 @@ def _run_and_interrupt(write_script, script_env, impl, method, call, group):
             env=script_env,
             cwd=str(path.parent),
             start_new_session=True,
+            preexec_fn=_default_sigint,
         )
     lines = []
     ready = threading.Event()
