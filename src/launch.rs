@@ -1,4 +1,4 @@
-//! Starting worker processes: the one place that decides between fork and fork+exec.
+//! Starting worker processes: the one place that decides between fork and a fresh interpreter.
 //!
 //! Why forking here is safe although the parent runs Rust threads: the fork happens (on the main
 //! thread for a pool's first workers, on rpool-supervise for replacements; see `Core::start`)
