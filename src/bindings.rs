@@ -15,7 +15,7 @@ use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -920,6 +920,54 @@ impl PoolCore {
                 .core
                 .new_described_job(total, has_callbacks, label, limit)?,
         })
+    }
+
+    /// `apply_async`'s common case in one call: `callable` is a function's pickle by name and
+    /// `label` its name; `(args, kwds)` is pickled here, straight into the task's frame. Makes
+    /// the result, `result_type(job, callback, error_callback)`, and files it in `cache` under
+    /// the job's id if it has callbacks, before the task can finish. Returns None, having
+    /// queued nothing, if the arguments are not plain data or hold a buffer for shared memory
+    /// (from `min_shared` bytes): Python's pickling must do those.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_named<'py>(
+        &self,
+        py: Python<'py>,
+        callable: &[u8],
+        label: String,
+        args: &Bound<'py, PyAny>,
+        kwds: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+        min_shared: usize,
+        result_type: &Bound<'py, PyAny>,
+        callback: &Bound<'py, PyAny>,
+        error_callback: &Bound<'py, PyAny>,
+        cache: &Bound<'py, PyDict>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let limit = time_limit(timeout)?;
+        let has_callbacks = !callback.is_none() || !error_callback.is_none();
+        let queued = crate::quick::with_plain_call(args, kwds, min_shared, |payload| {
+            let job = self
+                .core
+                .new_described_job(Some(1), has_callbacks, label, limit)?;
+            let id = job.id;
+            let handle = Bound::new(py, PyJob { inner: job.clone() })?;
+            let result = result_type.call1((handle, callback, error_callback))?;
+            if has_callbacks {
+                cache.set_item(id, &result)?;
+            }
+            let part = TaskPart {
+                part: 0,
+                callable: Callable::Reusable(callable),
+                payload,
+                buffers: None,
+            };
+            self.core.submit_parts(&job, vec![part])?;
+            Ok::<_, PyErr>(result)
+        });
+        match queued {
+            Ok(result) => result.map(Some),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Queue part `part` of `job`: `payload` is the pickled `(func, args, kwds)`, or, with

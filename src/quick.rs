@@ -56,11 +56,27 @@ struct Writer {
     out: Vec<u8>,
     objects: usize,
     large: usize,
-    /// Lists and dicts written so far, to notice one met twice.
-    containers: Vec<*mut ffi::PyObject>,
+    /// Lists and dicts written so far, to notice one met twice: a fixed array, as a `Vec` was
+    /// one more malloc for every task whose `kwds` is a dict.
+    containers: [*mut ffi::PyObject; MAX_CONTAINERS],
+    n_containers: usize,
 }
 
+/// Lists and dicts written at most: a linear look stays cheap for the few of a task, and many
+/// are left to pickle.
+const MAX_CONTAINERS: usize = 64;
+
 impl Writer {
+    fn new(out: Vec<u8>, large: usize) -> Writer {
+        Writer {
+            out,
+            objects: 0,
+            large,
+            containers: [std::ptr::null_mut(); MAX_CONTAINERS],
+            n_containers: 0,
+        }
+    }
+
     fn write(&mut self, obj: &Bound<'_, PyAny>, depth: usize) -> Result<(), Refused> {
         self.objects += 1;
         if self.objects > MAX_OBJECTS || depth > MAX_DEPTH {
@@ -144,14 +160,12 @@ impl Writer {
 
     fn container(&mut self, obj: &Bound<'_, PyAny>) -> Result<(), Refused> {
         let ptr = obj.as_ptr();
-        if self.containers.contains(&ptr) {
+        let seen = &self.containers[..self.n_containers];
+        if seen.contains(&ptr) || self.n_containers == MAX_CONTAINERS {
             return Err(Refused::NotPlain);
         }
-        // A linear look stays cheap for the few containers of a task; many are left to pickle.
-        if self.containers.len() >= 64 {
-            return Err(Refused::NotPlain);
-        }
-        self.containers.push(ptr);
+        self.containers[self.n_containers] = ptr;
+        self.n_containers += 1;
         Ok(())
     }
 
@@ -209,15 +223,22 @@ fn dumps_plain_into(
     obj: &Bound<'_, PyAny>,
     large: usize,
 ) -> Result<(), Refused> {
+    dumps_plain_tuple_into(out, &[obj], None, large)
+}
+
+/// Writes `objs` one after the other into `out` (cleared first), then `tail` (an opcode that
+/// makes a tuple of them), as one pickle.
+fn dumps_plain_tuple_into(
+    out: &mut Vec<u8>,
+    objs: &[&Bound<'_, PyAny>],
+    tail: Option<u8>,
+    large: usize,
+) -> Result<(), Refused> {
     out.clear();
-    let mut w = Writer {
-        out: std::mem::take(out),
-        objects: 0,
-        large,
-        containers: Vec::new(),
-    };
+    let mut w = Writer::new(std::mem::take(out), large);
     w.out.extend_from_slice(&[PROTO, 5]);
-    let written = w.write(obj, 0);
+    let written = objs.iter().try_for_each(|obj| w.write(obj, 0));
+    w.out.extend(tail);
     w.out.push(STOP);
     *out = w.out;
     written
@@ -261,6 +282,30 @@ pub fn quick_dumps(
             PyBool::new(py, holds).to_owned().into_any().unbind()
         }
     }
+}
+
+/// Calls `with` on the pickle of `(args, kwds)` if both are plain data, written into this
+/// thread's kept buffer (`large` as in `dumps_plain`).
+pub fn with_plain_call<R>(
+    args: &Bound<'_, PyAny>,
+    kwds: &Bound<'_, PyAny>,
+    large: usize,
+    with: impl FnOnce(&[u8]) -> R,
+) -> Result<R, Refused> {
+    OUT.with(|cell| {
+        let mut kept = cell.try_borrow_mut();
+        let mut own = Vec::new();
+        let out = match kept.as_deref_mut() {
+            Ok(out) => out,
+            Err(_) => &mut own,
+        };
+        dumps_plain_tuple_into(out, &[args, kwds], Some(TUPLE2), large)?;
+        let answer = with(out);
+        if out.capacity() > KEPT_OUT {
+            *out = Vec::with_capacity(256);
+        }
+        Ok(answer)
+    })
 }
 
 /// Reads back what `dumps_plain` writes, without an Unpickler (whose setup costs more than
@@ -427,12 +472,7 @@ fn pickle_loads(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
 /// The pickle of `((start, stop, step), {})`: the arguments of `rangestar` for one chunk of a
 /// range, as `dumps_plain` writes them.
 pub fn range_chunk_call(start: i64, stop: i64, step: i64) -> Vec<u8> {
-    let mut w = Writer {
-        out: Vec::with_capacity(40),
-        objects: 0,
-        large: usize::MAX,
-        containers: Vec::new(),
-    };
+    let mut w = Writer::new(Vec::with_capacity(40), usize::MAX);
     w.out.extend_from_slice(&[PROTO, 5]);
     for v in [start, stop, step] {
         w.int(v);

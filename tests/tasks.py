@@ -325,6 +325,11 @@ def shares_and_types(obj):
     return walk(obj)
 
 
+def shares_of_call(*args, **kwargs):
+    """`shares_and_types` of a call's arguments, as the function received them."""
+    return shares_and_types((list(args), kwargs))
+
+
 def touch_in(directory, name):
     """Create the file `name` in `directory`: a record that this task ran."""
     with open(os.path.join(directory, str(name)), "w"):

@@ -8,6 +8,7 @@ while short tasks are in flight are left for rpool's I/O thread to write in batc
 Each test runs the same program through the stdlib's pool and rpool's where both apply.
 """
 
+import collections
 import functools
 import time
 
@@ -65,6 +66,39 @@ def test_functions_and_builtins_by_name_give_the_same_results(make_pool):
     # A function and a map of it share nothing that could mix them up in a worker.
     assert pool.map(tasks.square, [3]) == [9]
     assert pool.apply(tasks.square, (3,)) == 9
+
+
+class Settings(dict):
+    """A dict subclass: left to pickle, which keeps its type."""
+
+
+_shared = [1, [2]]
+
+
+@pytest.mark.parametrize(
+    "args, kwds",
+    [
+        ((1, 2.5, "x", None), {}),
+        ([1, 2], {"k": 3}),  # a list of arguments
+        ((), {"a": b"\x00", "b": (True, False)}),
+        ((1,), Settings(k=[1])),
+        ((1,), collections.OrderedDict(k=2)),
+        ((_shared, _shared), {}),  # one list twice
+        ((_shared,), {"k": _shared}),  # one list in both
+        (({"d": _shared},), {"k": _shared[1]}),
+        (({1, 2},), {"k": frozenset([3])}),  # not plain data: left to pickle
+        ((2**70, -(2**63)), {"big": 2**63}),
+    ],
+    ids=repr,
+)
+def test_apply_async_passes_arguments_as_the_stdlib_does(make_pool, args, kwds):
+    # Plain arguments are pickled natively with the task; the rest go through pickle.
+    pool = make_pool(2)
+    expected = tasks.shares_of_call(*args, **kwds)
+    assert pool.apply_async(tasks.shares_of_call, args, kwds).get(timeout=30) == expected
+    seen = []
+    pool.apply_async(tasks.shares_of_call, args, kwds, callback=seen.append).wait(timeout=30)
+    assert seen == [expected]
 
 
 @pytest.mark.parametrize(

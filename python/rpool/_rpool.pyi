@@ -3,7 +3,9 @@
 
 from collections.abc import Callable, Iterable, Sequence
 from typing_extensions import Buffer, disjoint_base
-from typing import Any, Self, final
+from typing import Any, Self, TypeVar, final
+
+_R = TypeVar("_R")
 
 # `Job.take` kinds: 0 value and 1 raised (pickled bytes), 2 worker lost, 3 terminated,
 # 4 timed out (message str), 5 cancelled (None), 6 value and 7 raised (the objects themselves).
@@ -65,6 +67,19 @@ class PoolCore:
     @property
     def processes(self) -> int: ...
     def new_job(self, total: int | None, has_callbacks: bool, label: str = ..., timeout: float | None = None) -> Job: ...
+    def apply_named(
+        self,
+        callable: bytes,
+        label: str,
+        args: object,
+        kwds: object,
+        timeout: float | None,
+        min_shared: int,
+        result_type: Callable[[Job, Any, Any], _R],
+        callback: object,
+        error_callback: object,
+        cache: dict[int, Any],
+    ) -> _R | None: ...
     def submit(
         self, job: Job, part: int, payload: Buffer, callable: bytes | None = None, reusable: bool = False
     ) -> None: ...

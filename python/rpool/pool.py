@@ -214,7 +214,9 @@ class ApplyResult(_Generic[T]):
         return self.get()
 
     def _collect(self) -> tuple[bool, Any]:
-        return _decode(self._job, 0)
+        # `_decode` written out: rpool-callbacks runs this once per task, holding the GIL.
+        decoded: tuple[bool, Any] | None = self._job.decode(0, _decode_other)
+        return _decode(self._job, 0) if decoded is None else decoded
 
     def _settle(self) -> None:
         if self._settled:
@@ -632,8 +634,9 @@ _callback_thread = threading.local()
 def _deliver(cache: dict[int, ApplyResult[Any]], job_ids: Iterable[int]) -> None:
     """Run on rpool-callbacks with the GIL: the callbacks of jobs that just finished."""
     _callback_thread.active = True
+    take = cache.pop
     for job_id in job_ids:
-        result = cache.pop(job_id, None)
+        result = take(job_id, None)
         if result is not None:
             result._run_callbacks()
 
@@ -1028,7 +1031,18 @@ class Pool:
         if self._state != RUN:
             raise ValueError("Pool not running")
         limit = self._task_timeout if timeout is None else _check_seconds(timeout, "timeout")
-        named = _by_name(func) if self._sends_by_name else None
+        named = None
+        if self._sends_by_name:
+            named = _by_name_cache.get(func) if type(func) is types.FunctionType else None
+            if named is None:
+                named = _by_name(func)
+            if named is not None:
+                # Plain arguments: pickled, queued and filed in the core, in one call.
+                quick = self._core.apply_named(
+                    *named, args, kwds, limit, _shm.MIN_SHARED, ApplyResult, callback, error_callback, self._cache
+                )
+                if quick is not None:
+                    return quick  # type: ignore[no-any-return]
         payload = None
         if named is not None:
             try:
