@@ -15,7 +15,7 @@ use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -832,6 +832,168 @@ fn join_callbacks(
     Ok(())
 }
 
+/// An argument that may be omitted: unlike `Option`, an explicit None is kept as given.
+pub struct MaybeGiven<'py>(Option<Bound<'py, PyAny>>);
+
+impl<'py> FromPyObject<'py> for MaybeGiven<'py> {
+    fn extract_bound(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
+        Ok(MaybeGiven(Some(obj.clone())))
+    }
+}
+
+/// `Pool.apply_async` for its common case, in one native call: a function that pickles by
+/// name, plain-data arguments, no `timeout=`. Each pool puts this object's `apply_async` on
+/// itself, where it shadows the method: for tiny tasks, the method's own Python frame was a
+/// good part of what a task cost its caller, under the GIL that the callbacks thread needs
+/// too. Anything else goes to the method, `Pool.apply_async(pool, ...)`.
+#[pyclass(frozen, module = "rpool._rpool")]
+pub struct ApplyAsync {
+    core: Arc<Core>,
+    /// A weak reference to the pool: the pool holds this object.
+    pool: Py<PyAny>,
+    general: Py<PyAny>,
+    /// `rpool.pool._by_name_cache` and `_by_name`, which fills it.
+    by_name_cache: Py<PyDict>,
+    by_name: Py<PyAny>,
+    function_type: Py<PyAny>,
+    result_type: Py<PyAny>,
+    /// The pool's results that have callbacks, by job id, until the callbacks thread runs them.
+    results: Py<PyDict>,
+    task_timeout: Option<Duration>,
+    min_shared: usize,
+}
+
+#[pymethods]
+impl ApplyAsync {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        core: PyRef<'_, PoolCore>,
+        pool: Py<PyAny>,
+        general: Py<PyAny>,
+        by_name_cache: Py<PyDict>,
+        by_name: Py<PyAny>,
+        result_type: Py<PyAny>,
+        results: Py<PyDict>,
+        task_timeout: Option<f64>,
+        min_shared: usize,
+    ) -> PyResult<Self> {
+        let function_type = py.import("types")?.getattr("FunctionType")?.unbind();
+        Ok(ApplyAsync {
+            core: core.core.clone(),
+            pool,
+            general,
+            by_name_cache,
+            by_name,
+            function_type,
+            result_type,
+            results,
+            task_timeout: time_limit(task_timeout)?,
+            min_shared,
+        })
+    }
+
+    #[pyo3(signature = (func, args=MaybeGiven(None), kwds=MaybeGiven(None), callback=None, error_callback=None, *, timeout=None))]
+    fn apply_async<'py>(
+        &self,
+        py: Python<'py>,
+        func: &Bound<'py, PyAny>,
+        args: MaybeGiven<'py>,
+        kwds: MaybeGiven<'py>,
+        callback: Option<Bound<'py, PyAny>>,
+        error_callback: Option<Bound<'py, PyAny>>,
+        timeout: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let args = args.0.unwrap_or_else(|| PyTuple::empty(py).into_any());
+        let kwds = kwds.0.unwrap_or_else(|| PyDict::new(py).into_any());
+        let none = || py.None().into_bound(py);
+        let callback = callback.unwrap_or_else(none);
+        let error_callback = error_callback.unwrap_or_else(none);
+        if timeout.is_none() {
+            if let Some(named) = self.named(py, func)? {
+                let (callable, label) = named.extract::<(Bound<'py, PyBytes>, String)>()?;
+                if let Some(result) =
+                    self.submit(py, &callable, label, &args, &kwds, &callback, &error_callback)?
+                {
+                    return Ok(result);
+                }
+            }
+        }
+        let pool = self.pool.bind(py).call0()?;
+        if pool.is_none() {
+            return Err(not_running());
+        }
+        let kw = PyDict::new(py);
+        kw.set_item("timeout", timeout)?;
+        self.general.bind(py).call(
+            (pool, func, args, kwds, callback, error_callback),
+            Some(&kw),
+        )
+    }
+}
+
+impl ApplyAsync {
+    /// `(pickle, label)` of `func` sent by name, from `_by_name`'s cache when `func` is a
+    /// plain function (other callables are not looked up by hash: some cannot be hashed).
+    fn named<'py>(
+        &self,
+        py: Python<'py>,
+        func: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        if func.get_type().is(self.function_type.bind(py)) {
+            if let Some(named) = self.by_name_cache.bind(py).get_item(func)? {
+                return Ok(Some(named));
+            }
+        }
+        let named = self.by_name.bind(py).call1((func,))?;
+        Ok((!named.is_none()).then_some(named))
+    }
+
+    /// Pickle `(args, kwds)` straight into the task's frame, make the result and file it
+    /// (if it has callbacks) before the task is queued. None, having queued nothing, if the
+    /// arguments are not plain data, hold a buffer for shared memory, or the pool is closed.
+    #[allow(clippy::too_many_arguments)]
+    fn submit<'py>(
+        &self,
+        py: Python<'py>,
+        callable: &Bound<'py, PyBytes>,
+        label: String,
+        args: &Bound<'py, PyAny>,
+        kwds: &Bound<'py, PyAny>,
+        callback: &Bound<'py, PyAny>,
+        error_callback: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let has_callbacks = !callback.is_none() || !error_callback.is_none();
+        let queued = crate::quick::with_plain_call(args, kwds, self.min_shared, |payload| {
+            let Ok(job) =
+                self.core
+                    .new_described_job(Some(1), has_callbacks, label, self.task_timeout)
+            else {
+                return Ok(None); // closed: the method raises the error
+            };
+            let id = job.id;
+            let handle = Bound::new(py, PyJob { inner: job.clone() })?;
+            let result = self
+                .result_type
+                .bind(py)
+                .call1((handle, callback, error_callback))?;
+            if has_callbacks {
+                self.results.bind(py).set_item(id, &result)?;
+            }
+            let part = TaskPart {
+                part: 0,
+                callable: Callable::Reusable(callable.as_bytes()),
+                payload,
+                buffers: None,
+            };
+            self.core.submit_parts(&job, vec![part])?;
+            Ok::<_, PyErr>(Some(result))
+        });
+        queued.unwrap_or(Ok(None))
+    }
+}
+
 #[pyclass(frozen, module = "rpool._rpool")]
 pub struct PoolCore {
     core: Arc<Core>,
@@ -920,54 +1082,6 @@ impl PoolCore {
                 .core
                 .new_described_job(total, has_callbacks, label, limit)?,
         })
-    }
-
-    /// `apply_async`'s common case in one call: `callable` is a function's pickle by name and
-    /// `label` its name; `(args, kwds)` is pickled here, straight into the task's frame. Makes
-    /// the result, `result_type(job, callback, error_callback)`, and files it in `cache` under
-    /// the job's id if it has callbacks, before the task can finish. Returns None, having
-    /// queued nothing, if the arguments are not plain data or hold a buffer for shared memory
-    /// (from `min_shared` bytes): Python's pickling must do those.
-    #[allow(clippy::too_many_arguments)]
-    fn apply_named<'py>(
-        &self,
-        py: Python<'py>,
-        callable: &[u8],
-        label: String,
-        args: &Bound<'py, PyAny>,
-        kwds: &Bound<'py, PyAny>,
-        timeout: Option<f64>,
-        min_shared: usize,
-        result_type: &Bound<'py, PyAny>,
-        callback: &Bound<'py, PyAny>,
-        error_callback: &Bound<'py, PyAny>,
-        cache: &Bound<'py, PyDict>,
-    ) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let limit = time_limit(timeout)?;
-        let has_callbacks = !callback.is_none() || !error_callback.is_none();
-        let queued = crate::quick::with_plain_call(args, kwds, min_shared, |payload| {
-            let job = self
-                .core
-                .new_described_job(Some(1), has_callbacks, label, limit)?;
-            let id = job.id;
-            let handle = Bound::new(py, PyJob { inner: job.clone() })?;
-            let result = result_type.call1((handle, callback, error_callback))?;
-            if has_callbacks {
-                cache.set_item(id, &result)?;
-            }
-            let part = TaskPart {
-                part: 0,
-                callable: Callable::Reusable(callable),
-                payload,
-                buffers: None,
-            };
-            self.core.submit_parts(&job, vec![part])?;
-            Ok::<_, PyErr>(result)
-        });
-        match queued {
-            Ok(result) => result.map(Some),
-            Err(_) => Ok(None),
-        }
     }
 
     /// Queue part `part` of `job`: `payload` is the pickled `(func, args, kwds)`, or, with

@@ -17,6 +17,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bindings::PoolCore>()?;
+    m.add_class::<bindings::ApplyAsync>()?;
     m.add_class::<bindings::PyJob>()?;
     m.add_class::<bindings::ItemQueue>()?;
     m.add_class::<bindings::ThreadCore>()?;

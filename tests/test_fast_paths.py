@@ -101,6 +101,48 @@ def test_apply_async_passes_arguments_as_the_stdlib_does(make_pool, args, kwds):
     assert seen == [expected]
 
 
+def test_apply_async_takes_its_arguments_by_keyword(make_pool):
+    pool = make_pool(2)
+    seen = []
+    result = pool.apply_async(
+        func=tasks.kwargs_echo, args=(1,), kwds={"k": 2}, callback=seen.append, error_callback=None
+    )
+    assert result.get(timeout=30) == tasks.kwargs_echo(1, k=2)
+    assert seen == [tasks.kwargs_echo(1, k=2)]
+    assert pool.apply_async(tasks.kwargs_echo).get(timeout=30) == tasks.kwargs_echo()
+    assert pool.apply_async(tasks.kwargs_echo, kwds={"k": 1}).get(timeout=30) == tasks.kwargs_echo(k=1)
+
+
+@pytest.mark.parametrize("args, kwds", [(None, {}), ((1,), None), (5, {})], ids=repr)
+def test_apply_async_with_arguments_that_cannot_be_unpacked_fails_at_get(make_pool_fork, args, kwds):
+    # The stdlib calls func(*args, **kwds) in the worker: the error comes from get(). An
+    # explicit None is not the same as leaving the argument out.
+    pool = make_pool_fork(2)
+    errors = []
+    result = pool.apply_async(tasks.kwargs_echo, args, kwds, error_callback=errors.append)
+    with pytest.raises(TypeError):
+        result.get(timeout=30)
+    assert len(errors) == 1 and isinstance(errors[0], TypeError)
+
+
+def test_a_subclass_that_overrides_apply_async_is_called(make_pool_fork):
+    # rpool puts a native apply_async on each pool, shadowing the method; not on a subclass
+    # whose own method would then be skipped.
+    base = type(make_pool_fork(1))
+
+    class Recording(base):
+        calls = 0
+
+        def apply_async(self, *args, **kwargs):
+            Recording.calls += 1
+            return super().apply_async(*args, **kwargs)
+
+    pool = make_pool_fork.track(Recording(2, context=make_pool_fork.ctx))
+    assert pool.apply_async(tasks.square, (3,)).get(timeout=30) == 9
+    assert pool.apply(tasks.square, (4,)) == 16
+    assert Recording.calls == 2
+
+
 @pytest.mark.parametrize(
     "data",
     [

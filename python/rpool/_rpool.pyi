@@ -3,15 +3,13 @@
 
 from collections.abc import Callable, Iterable, Sequence
 from typing_extensions import Buffer, disjoint_base
-from typing import Any, Self, TypeVar, final
-
-_R = TypeVar("_R")
+from typing import Any, Self, final
 
 # `Job.take` kinds: 0 value and 1 raised (pickled bytes), 2 worker lost, 3 terminated,
 # 4 timed out (message str), 5 cancelled (None), 6 value and 7 raised (the objects themselves).
 _Outcome = tuple[int, Any]
 
-__all__ = ["PoolCore", "Job", "ItemQueue", "ThreadCore", "JobBoard", "worker_main", "forkserver_main", "forward_log", "reset_log_cache", "read_buffer", "write_buffer", "quick_dumps", "quick_loads", "send_memfd"]
+__all__ = ["PoolCore", "ApplyAsync", "Job", "ItemQueue", "ThreadCore", "JobBoard", "worker_main", "forkserver_main", "forward_log", "reset_log_cache", "read_buffer", "write_buffer", "quick_dumps", "quick_loads", "send_memfd"]
 
 @disjoint_base
 class ItemQueue:
@@ -21,6 +19,33 @@ class ItemQueue:
     def _pop(self, default: Any) -> Any: ...
     def _has_items(self) -> bool: ...
     def _decode_finished_chunks(self, job: Job, part_yielded: Callable[[], object]) -> None: ...
+
+@final
+class ApplyAsync:
+    """`Pool.apply_async` for its common case, in one native call."""
+
+    def __new__(
+        cls,
+        core: PoolCore,
+        pool: Callable[[], Any],
+        general: Callable[..., Any],
+        by_name_cache: dict[Any, tuple[bytes, str]],
+        by_name: Callable[[Any], tuple[bytes, str] | None],
+        result_type: Callable[..., Any],
+        results: dict[int, Any],
+        task_timeout: float | None,
+        min_shared: int,
+    ) -> ApplyAsync: ...
+    def apply_async(
+        self,
+        func: Callable[..., Any],
+        args: Any = ...,
+        kwds: Any = ...,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any: ...
 
 @final
 class Job:
@@ -67,19 +92,6 @@ class PoolCore:
     @property
     def processes(self) -> int: ...
     def new_job(self, total: int | None, has_callbacks: bool, label: str = ..., timeout: float | None = None) -> Job: ...
-    def apply_named(
-        self,
-        callable: bytes,
-        label: str,
-        args: object,
-        kwds: object,
-        timeout: float | None,
-        min_shared: int,
-        result_type: Callable[[Job, Any, Any], _R],
-        callback: object,
-        error_callback: object,
-        cache: dict[int, Any],
-    ) -> _R | None: ...
     def submit(
         self, job: Job, part: int, payload: Buffer, callable: bytes | None = None, reusable: bool = False
     ) -> None: ...

@@ -980,6 +980,20 @@ class Pool:
                 log_sink=log_sink,
             )
         self._state = RUN
+        if self._sends_by_name and type(self).apply_async is Pool.apply_async:
+            # Shadows the method on this pool with its common case done natively, in one call
+            # (see `_rpool.ApplyAsync`); the method still does everything else.
+            vars(self)["apply_async"] = _rpool.ApplyAsync(
+                self._core,
+                weakref.ref(self),
+                Pool.apply_async,
+                _by_name_cache,
+                _by_name,
+                ApplyResult,
+                self._cache,
+                self._task_timeout,
+                _shm.MIN_SHARED,
+            ).apply_async
         _live_pools.add(self)
 
     def __repr__(self) -> str:
@@ -1031,18 +1045,7 @@ class Pool:
         if self._state != RUN:
             raise ValueError("Pool not running")
         limit = self._task_timeout if timeout is None else _check_seconds(timeout, "timeout")
-        named = None
-        if self._sends_by_name:
-            named = _by_name_cache.get(func) if type(func) is types.FunctionType else None
-            if named is None:
-                named = _by_name(func)
-            if named is not None:
-                # Plain arguments: pickled, queued and filed in the core, in one call.
-                quick = self._core.apply_named(
-                    *named, args, kwds, limit, _shm.MIN_SHARED, ApplyResult, callback, error_callback, self._cache
-                )
-                if quick is not None:
-                    return quick  # type: ignore[no-any-return]
+        named = _by_name(func) if self._sends_by_name else None
         payload = None
         if named is not None:
             try:
