@@ -894,6 +894,7 @@ impl ApplyAsync {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (func, args=MaybeGiven(None), kwds=MaybeGiven(None), callback=None, error_callback=None, *, timeout=None))]
     fn apply_async<'py>(
         &self,
@@ -913,9 +914,15 @@ impl ApplyAsync {
         if timeout.is_none() {
             if let Some(named) = self.named(py, func)? {
                 let (callable, label) = named.extract::<(Bound<'py, PyBytes>, String)>()?;
-                if let Some(result) =
-                    self.submit(py, &callable, label, &args, &kwds, &callback, &error_callback)?
-                {
+                if let Some(result) = self.submit(
+                    py,
+                    &callable,
+                    label,
+                    &args,
+                    &kwds,
+                    &callback,
+                    &error_callback,
+                )? {
                     return Ok(result);
                 }
             }
