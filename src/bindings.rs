@@ -832,6 +832,47 @@ fn join_callbacks(
     Ok(())
 }
 
+/// A fork server started before its pool (`rpool.get_context("forkserver").Pool`), for
+/// `PoolCore(forkserver=...)`: it boots while the parent imports the rest of rpool.
+#[pyclass(frozen, module = "rpool._rpool")]
+pub struct EarlyForkServer {
+    server: Mutex<Option<forkserver::StartedServer>>,
+}
+
+impl EarlyForkServer {
+    fn take(&self) -> Option<forkserver::StartedServer> {
+        self.server.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+#[pymethods]
+impl EarlyForkServer {
+    /// Start `argv` (the server's command line, as the pool would give it). Only on the main
+    /// thread: the server's PR_SET_PDEATHSIG follows the thread that started it, and another
+    /// may end before the pool does (the pool then starts its server on rpool-supervise).
+    #[new]
+    fn new(py: Python<'_>, argv: Vec<String>) -> PyResult<Self> {
+        launch::check_argv(&argv)?;
+        if unsafe { libc::gettid() != libc::getpid() } {
+            return Ok(EarlyForkServer {
+                server: Mutex::new(None),
+            });
+        }
+        let server = py
+            .detach(|| forkserver::StartedServer::start(argv))
+            .map_err(|e| PyOSError::new_err(format!("could not start the fork server: {e}")))?;
+        Ok(EarlyForkServer {
+            server: Mutex::new(Some(server)),
+        })
+    }
+
+    /// Stop the server if no pool took it.
+    fn stop(&self, py: Python<'_>) {
+        let unused = self.take();
+        py.detach(|| drop(unused));
+    }
+}
+
 /// An argument that may be omitted: unlike `Option`, an explicit None is kept as given.
 pub struct MaybeGiven<'py>(Option<Bound<'py, PyAny>>);
 
@@ -1026,7 +1067,7 @@ impl PoolCore {
     #[new]
     // One argument per pool setting, as the Python constructor passes them.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (processes, start_method, max_tasks_per_child, deliver, fork_bootstrap=None, exec_argv=None, exec_preamble=None, log_sink=None))]
+    #[pyo3(signature = (processes, start_method, max_tasks_per_child, deliver, fork_bootstrap=None, exec_argv=None, exec_preamble=None, log_sink=None, forkserver=None))]
     fn new(
         py: Python<'_>,
         processes: usize,
@@ -1037,6 +1078,7 @@ impl PoolCore {
         exec_argv: Option<Vec<String>>,
         exec_preamble: Option<Vec<Vec<u8>>>,
         log_sink: Option<Py<PyAny>>,
+        forkserver: Option<PyRef<'_, EarlyForkServer>>,
     ) -> PyResult<Self> {
         install_logger(py)?;
         let launcher: Arc<dyn Launch> = match (fork_bootstrap, exec_argv) {
@@ -1047,7 +1089,8 @@ impl PoolCore {
                 launch::check_argv(&argv)?;
                 let preamble = exec_preamble.unwrap_or_default();
                 if start_method == "forkserver" {
-                    Arc::new(ForkServerLauncher::new(argv, preamble))
+                    let started = forkserver.and_then(|s| s.take());
+                    Arc::new(ForkServerLauncher::new(argv, preamble, started))
                 } else {
                     Arc::new(ExecLauncher { argv, preamble })
                 }

@@ -111,23 +111,17 @@ impl Server {
     }
 }
 
-pub struct ForkServerLauncher {
-    pub argv: Vec<String>,
-    /// The server's start-up frames' payloads (spawn preparation data, worker setup).
-    pub preamble: Vec<Vec<u8>>,
-    server: Mutex<Option<Server>>,
+/// A fork server process that waits for its CONFIG frames: started as early as the program
+/// allows (see `Pool` of `rpool.get_context`), so that its interpreter boots while the parent
+/// still imports, and handed to the pool's launcher. Dropped unused, it is stopped.
+pub struct StartedServer {
+    argv: Vec<String>,
+    /// None once handed on.
+    parts: Option<(i32, OwnedFd, OwnedFd)>,
 }
 
-impl ForkServerLauncher {
-    pub fn new(argv: Vec<String>, preamble: Vec<Vec<u8>>) -> Self {
-        ForkServerLauncher {
-            argv,
-            preamble,
-            server: Mutex::new(None),
-        }
-    }
-
-    fn start_server(&self) -> io::Result<Server> {
+impl StartedServer {
+    pub fn start(argv: Vec<String>) -> io::Result<StartedServer> {
         let (ours, theirs) = socket::socketpair(
             socket::AddressFamily::Unix,
             socket::SockType::SeqPacket,
@@ -135,10 +129,18 @@ impl ForkServerLauncher {
             socket::SockFlag::SOCK_CLOEXEC,
         )?;
         let (config_r, config_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let pid = launch::exec_with_fds(&self.argv, &[theirs.as_raw_fd(), config_r.as_raw_fd()])?;
-        drop((theirs, config_r));
+        let pid = launch::exec_with_fds(&argv, &[theirs.as_raw_fd(), config_r.as_raw_fd()])?;
+        Ok(StartedServer {
+            argv,
+            parts: Some((pid, ours, config_w)),
+        })
+    }
+
+    /// Write the server's CONFIG frames: from then on it forks workers on request.
+    fn configure(mut self, preamble: &[Vec<u8>]) -> io::Result<Server> {
+        let (pid, sock, config_w) = self.parts.take().expect("a server is configured once");
         let mut config = Vec::new();
-        for part in &self.preamble {
+        for part in preamble {
             frame::encode_into(&mut config, frame::kind::CONFIG, 0, 0, part);
         }
         if let Err(e) = frame::write_all(config_w.as_raw_fd(), &[&config]) {
@@ -150,10 +152,47 @@ impl ForkServerLauncher {
         }
         Ok(Server {
             pid,
-            sock: ours,
+            sock,
             spawned: HashMap::new(),
             exited: HashMap::new(),
         })
+    }
+}
+
+impl Drop for StartedServer {
+    fn drop(&mut self) {
+        if let Some((pid, sock, config_w)) = self.parts.take() {
+            drop((sock, config_w)); // EOF on both: the server exits at once.
+            stop_server(pid, Duration::from_millis(500));
+        }
+    }
+}
+
+pub struct ForkServerLauncher {
+    pub argv: Vec<String>,
+    /// The server's start-up frames' payloads (spawn preparation data, worker setup).
+    pub preamble: Vec<Vec<u8>>,
+    server: Mutex<Option<Server>>,
+    /// A server started before the pool, used for its first server if it runs `argv`.
+    started: Mutex<Option<StartedServer>>,
+}
+
+impl ForkServerLauncher {
+    pub fn new(argv: Vec<String>, preamble: Vec<Vec<u8>>, started: Option<StartedServer>) -> Self {
+        ForkServerLauncher {
+            argv,
+            preamble,
+            server: Mutex::new(None),
+            started: Mutex::new(started),
+        }
+    }
+
+    fn start_server(&self) -> io::Result<Server> {
+        let started = match self.started.lock().unwrap().take() {
+            Some(early) if early.argv == self.argv => early,
+            _ => StartedServer::start(self.argv.clone())?,
+        };
+        started.configure(&self.preamble)
     }
 }
 

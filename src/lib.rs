@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 fn _rpool(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bindings::PoolCore>()?;
     m.add_class::<bindings::ApplyAsync>()?;
+    m.add_class::<bindings::EarlyForkServer>()?;
     m.add_class::<bindings::PyJob>()?;
     m.add_class::<bindings::ItemQueue>()?;
     m.add_class::<bindings::ThreadCore>()?;

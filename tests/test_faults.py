@@ -314,6 +314,19 @@ def test_close_join_leaves_no_child(make_pool):
     assert children() - before == set()
 
 
+@pytest.mark.parametrize(
+    "bad", [{"processes": 0}, {"maxtasksperchild": 0}, {"initializer": 5}, {"serializer": "nope"}], ids=repr
+)
+def test_a_forkserver_pool_that_cannot_start_leaves_no_process(bad):
+    # get_context("forkserver").Pool starts its fork server before it checks its arguments.
+    before = children()
+    with pytest.raises((ValueError, TypeError)) as failed:
+        rpool.get_context("forkserver").Pool(**bad)
+    # Checked while the error's traceback (and so the frame that started the server) lives.
+    assert failed.value.__traceback__ is not None
+    assert children() - before == set()
+
+
 def test_a_pool_garbage_collected_while_running_warns_and_is_cleaned_up(make_pool_fork):
     ctx = make_pool_fork.ctx
     pool = ctx.Pool(2)

@@ -196,7 +196,7 @@ def test_preparation_data_is_the_stdlibs(main, tmp_path, script_env):
 def test_workers_get_the_interpreters_flags_as_the_stdlib_gives_them(flags, script_env):
     code = (
         "import json, subprocess, rpool.pool; "
-        "print(json.dumps([rpool.pool._interpreter_flags(), subprocess._args_from_interpreter_flags()]))"
+        "print(json.dumps([rpool._command.interpreter_flags(), subprocess._args_from_interpreter_flags()]))"
     )
     ours, theirs = _run_python([*flags, "-c", code], script_env)
     assert ours == theirs

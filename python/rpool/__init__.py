@@ -63,23 +63,46 @@ class Context:
         **options: Any,
     ) -> Pool:
         """`rpool.Pool` with this start method; `options` are rpool's own keywords."""
-        from .pool import Pool
+        early = _early_fork_server() if self._method == "forkserver" else None
+        try:
+            from .pool import Pool
 
-        return Pool(processes, initializer, initargs, maxtasksperchild, context=self, **options)
+            return Pool(processes, initializer, initargs, maxtasksperchild, context=self, _early_server=early, **options)
+        finally:
+            if early is not None:
+                early.stop()  # unless the pool took it
 
     def __repr__(self) -> str:
         return f"<rpool.Context {self._method!r}>"
 
 
+# What `multiprocessing.get_all_start_methods()` gives on Linux, known without importing it.
+_START_METHODS = ("fork", "spawn", "forkserver")
+
+
 def get_context(method: str | None = None) -> Context:
     """The context for `method` ('fork', 'spawn', 'forkserver'); None means Python's default."""
-    import multiprocessing
-
     if method is None:
+        import multiprocessing
+
         method = multiprocessing.get_context().get_start_method()
-    if method not in multiprocessing.get_all_start_methods():
+    if method not in _START_METHODS:
         raise ValueError(f"cannot find context for {method!r}")
     return Context(method)
+
+
+def _early_fork_server() -> Any:
+    """Start the fork server of the pool about to be made, before importing rpool.pool (and
+    multiprocessing, ~15 ms): the server's interpreter boots meanwhile. The pool's core takes it
+    if its command line is the same; else it is stopped."""
+    import sys
+
+    from . import _command, _rpool
+
+    mp_process = sys.modules.get("multiprocessing.process")
+    if mp_process is not None and getattr(mp_process.current_process(), "_inheriting", False):
+        return None  # a spawned child importing its main module: Pool() refuses (see rpool.pool)
+    return _rpool.EarlyForkServer(_command.exec_command("forkserver_main"))
 
 
 # Where each lazily imported public name lives (the executor also pulls in concurrent.futures).

@@ -9,7 +9,7 @@ from typing import Any, Self, final
 # 4 timed out (message str), 5 cancelled (None), 6 value and 7 raised (the objects themselves).
 _Outcome = tuple[int, Any]
 
-__all__ = ["PoolCore", "ApplyAsync", "Job", "ItemQueue", "ThreadCore", "JobBoard", "worker_main", "forkserver_main", "forward_log", "reset_log_cache", "read_buffer", "write_buffer", "quick_dumps", "quick_loads", "send_memfd"]
+__all__ = ["PoolCore", "ApplyAsync", "EarlyForkServer", "Job", "ItemQueue", "ThreadCore", "JobBoard", "worker_main", "forkserver_main", "forward_log", "reset_log_cache", "read_buffer", "write_buffer", "quick_dumps", "quick_loads", "send_memfd"]
 
 @disjoint_base
 class ItemQueue:
@@ -19,6 +19,13 @@ class ItemQueue:
     def _pop(self, default: Any) -> Any: ...
     def _has_items(self) -> bool: ...
     def _decode_finished_chunks(self, job: Job, part_yielded: Callable[[], object]) -> None: ...
+
+@final
+class EarlyForkServer:
+    """A fork server started before its pool."""
+
+    def __new__(cls, argv: list[str]) -> EarlyForkServer: ...
+    def stop(self) -> None: ...
 
 @final
 class ApplyAsync:
@@ -86,6 +93,7 @@ class PoolCore:
         exec_argv: Sequence[str] | None = None,
         exec_preamble: Sequence[bytes] | None = None,
         log_sink: Callable[[list[bytes]], object] | None = None,
+        forkserver: EarlyForkServer | None = None,
     ) -> PoolCore: ...
     @property
     def state(self) -> str: ...

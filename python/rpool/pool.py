@@ -26,6 +26,7 @@ from multiprocessing import TimeoutError, process
 from types import TracebackType
 
 from . import _rpool, _shm
+from ._command import exec_command
 from ._worker import dumps as _dumps
 from ._worker import bootstrap_forked, cloud_dumps, mapstar, rangestar, starmapstar
 
@@ -919,6 +920,7 @@ class Pool:
         max_memory_per_child: int | None = None,
         forward_logs: bool = False,
         serializer: str = "pickle",
+        _early_server: _rpool.EarlyForkServer | None = None,
     ) -> None:
         self._state = "INIT"
         self._cache: dict[int, ApplyResult[Any]] = {}
@@ -975,9 +977,10 @@ class Pool:
                 method,
                 maxtasksperchild,
                 deliver,
-                exec_argv=_exec_command(entry),
+                exec_argv=exec_command(entry),
                 exec_preamble=preamble,
                 log_sink=log_sink,
+                forkserver=_early_server,
             )
         self._state = RUN
         if self._sends_by_name and type(self).apply_async is Pool.apply_async:
@@ -1414,38 +1417,6 @@ def _feed(
         core.seal(job, part)
         if read_aheads is not None:
             read_aheads.discard(read_ahead)
-
-
-def _exec_command(entry: str) -> list[str]:
-    """The command line of an exec'd worker: the stdlib's interpreter and flags for its own."""
-    spawn = sys.modules.get("multiprocessing.spawn")  # set_executable() may have changed it
-    exe = sys.executable if spawn is None else spawn.get_executable()
-    return [os.fsdecode(exe), *_interpreter_flags(), "-c", f"from rpool._worker import {entry}; {entry}()"]
-
-
-# Single-letter options for sys.flags, in the order subprocess._args_from_interpreter_flags
-# gives them (after -O).
-_FLAG_OPTIONS = (("debug", "d"), ("dont_write_bytecode", "B"), ("no_site", "S"), ("verbose", "v"),
-                 ("bytes_warning", "b"), ("quiet", "q"))  # fmt: skip
-
-
-def _interpreter_flags() -> list[str]:
-    """`subprocess._args_from_interpreter_flags()`: the options that give a worker this
-    interpreter's settings. Without importing subprocess (a few ms of each pool's start-up)
-    unless -W or -X options are in play."""
-    if sys.warnoptions or sys._xoptions or sys.flags.dev_mode:
-        from subprocess import _args_from_interpreter_flags  # type: ignore[attr-defined]
-
-        flags: list[str] = _args_from_interpreter_flags()
-        return flags
-    args = ["-" + "O" * sys.flags.optimize] if sys.flags.optimize else []
-    args += ["-" + letter * getattr(sys.flags, name) for name, letter in _FLAG_OPTIONS if getattr(sys.flags, name) > 0]
-    if sys.flags.isolated:
-        args.append("-I")
-    else:
-        args += [option for option, on in (("-E", sys.flags.ignore_environment), ("-s", sys.flags.no_user_site),
-                                           ("-P", sys.flags.safe_path)) if on]  # fmt: skip
-    return args
 
 
 def _preparation_data(name: str) -> dict[str, Any]:
