@@ -6,10 +6,13 @@ wait) the same program runs through both.
 """
 
 import gc
+import json
 import multiprocessing
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -325,6 +328,24 @@ def test_a_forkserver_pool_that_cannot_start_leaves_no_process(bad):
     # Checked while the error's traceback (and so the frame that started the server) lives.
     assert failed.value.__traceback__ is not None
     assert children() - before == set()
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_an_interpreter_that_cannot_start_fails_the_pool_at_creation(method, script_env):
+    # The same error whether the fork server is started early (by the context) or by the pool.
+    code = (
+        "import json, multiprocessing, rpool\n"
+        "multiprocessing.set_executable('/nonexistent/python')\n"
+        "try:\n"
+        f"    rpool.get_context({method!r}).Pool(1)\n"
+        "except OSError as exc:\n"
+        "    print(json.dumps([type(exc).__name__, str(exc)]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=script_env)
+    assert proc.returncode == 0, proc.stderr
+    kind, message = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert kind == "OSError"
+    assert message.startswith("could not start a worker process: No such file or directory")
 
 
 def test_a_pool_garbage_collected_while_running_warns_and_is_cleaned_up(make_pool_fork):

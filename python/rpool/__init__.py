@@ -102,7 +102,10 @@ def _early_fork_server() -> Any:
     mp_process = sys.modules.get("multiprocessing.process")
     if mp_process is not None and getattr(mp_process.current_process(), "_inheriting", False):
         return None  # a spawned child importing its main module: Pool() refuses (see rpool.pool)
-    return _rpool.EarlyForkServer(_command.exec_command("forkserver_main"))
+    try:
+        return _rpool.EarlyForkServer(_command.exec_command("forkserver_main"))
+    except OSError:
+        return None  # the pool tries again itself, and reports why it cannot
 
 
 # Where each lazily imported public name lives (the executor also pulls in concurrent.futures).
