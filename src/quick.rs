@@ -209,20 +209,9 @@ impl Writer {
     }
 }
 
-/// The pickle of `obj` if it is plain data; `large` is the size from which a `bytes` or
-/// `bytearray` must go through shared memory instead.
-pub fn dumps_plain(obj: &Bound<'_, PyAny>, large: usize) -> Result<Vec<u8>, Refused> {
-    let mut out = Vec::with_capacity(64);
-    dumps_plain_into(&mut out, obj, large)?;
-    Ok(out)
-}
-
-/// `dumps_plain`, written into `out` (cleared first).
-fn dumps_plain_into(
-    out: &mut Vec<u8>,
-    obj: &Bound<'_, PyAny>,
-    large: usize,
-) -> Result<(), Refused> {
+/// Writes the pickle of `obj` into `out` (cleared first) if it is plain data; `large` is the
+/// size from which a `bytes` or `bytearray` must go through shared memory instead.
+fn dumps_plain(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, large: usize) -> Result<(), Refused> {
     dumps_plain_tuple_into(out, &[obj], None, large)
 }
 
@@ -253,6 +242,24 @@ thread_local! {
 /// A buffer this big is not kept for the next call.
 const KEPT_OUT: usize = 64 << 10;
 
+/// Calls `with` on this thread's kept buffer (`OUT`), or on a new one if the kept one is in use
+/// (a call made from inside `with`), and shrinks the kept one if it grew too big.
+fn with_kept_buffer<R>(with: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    OUT.with(|cell| {
+        let mut kept = cell.try_borrow_mut();
+        let mut own = Vec::new();
+        let out = match kept.as_deref_mut() {
+            Ok(out) => out,
+            Err(_) => &mut own,
+        };
+        let answer = with(out);
+        if out.capacity() > KEPT_OUT {
+            *out = Vec::with_capacity(256);
+        }
+        answer
+    })
+}
+
 /// `quick_dumps(obj, min_size, budget)`: the pickle of `obj` as `bytes` if it is plain data
 /// (see the module); else whether it holds a buffer of at least `min_size` bytes (as
 /// `holds_large_buffer`, looking at up to `budget` objects), so that the caller knows at once
@@ -264,16 +271,8 @@ pub fn quick_dumps(
     min_size: usize,
     budget: usize,
 ) -> Py<PyAny> {
-    let written = OUT.with(|cell| {
-        let Ok(mut out) = cell.try_borrow_mut() else {
-            return dumps_plain(obj, min_size).map(|data| PyBytes::new(py, &data));
-        };
-        let written = dumps_plain_into(&mut out, obj, min_size).map(|()| PyBytes::new(py, &out));
-        if out.capacity() > KEPT_OUT {
-            *out = Vec::with_capacity(256);
-        }
-        written
-    });
+    let written =
+        with_kept_buffer(|out| dumps_plain(out, obj, min_size).map(|()| PyBytes::new(py, out)));
     match written {
         Ok(data) => data.into_any().unbind(),
         Err(Refused::LargeBuffer) => PyBool::new(py, true).to_owned().into_any().unbind(),
@@ -292,19 +291,9 @@ pub fn with_plain_call<R>(
     large: usize,
     with: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, Refused> {
-    OUT.with(|cell| {
-        let mut kept = cell.try_borrow_mut();
-        let mut own = Vec::new();
-        let out = match kept.as_deref_mut() {
-            Ok(out) => out,
-            Err(_) => &mut own,
-        };
+    with_kept_buffer(|out| {
         dumps_plain_tuple_into(out, &[args, kwds], Some(TUPLE2), large)?;
-        let answer = with(out);
-        if out.capacity() > KEPT_OUT {
-            *out = Vec::with_capacity(256);
-        }
-        Ok(answer)
+        Ok(with(out))
     })
 }
 
