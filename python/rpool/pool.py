@@ -117,9 +117,11 @@ class RemoteError(Exception):
 def _decode(job: _rpool.Job, part: int) -> tuple[bool, Any]:
     """Turn part `part`'s outcome into `(success, value or exception)`."""
     decoded: tuple[bool, Any] | None = job.decode(part, _decode_other)  # a value: unpickled natively
-    if decoded is None:
-        return False, RuntimeError("rpool: result was already taken")
-    return decoded
+    return _already_taken() if decoded is None else decoded
+
+
+def _already_taken() -> tuple[bool, Any]:
+    return False, RuntimeError("rpool: result was already taken")
 
 
 def _decode_other(kind: int, data: Any) -> tuple[bool, Any]:
@@ -217,7 +219,7 @@ class ApplyResult(_Generic[T]):
     def _collect(self) -> tuple[bool, Any]:
         # `_decode` written out: rpool-callbacks runs this once per task, holding the GIL.
         decoded: tuple[bool, Any] | None = self._job.decode(0, _decode_other)
-        return _decode(self._job, 0) if decoded is None else decoded
+        return _already_taken() if decoded is None else decoded
 
     def _settle(self) -> None:
         if self._settled:
